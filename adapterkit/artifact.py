@@ -1,0 +1,129 @@
+"""The adapter artifact: PEFT's files, the ``adapterkit.json`` manifest, a model card.
+
+Written into a temporary sibling folder and renamed into place, so a crash leaves the old
+directory or the new one, never half of either.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from adapterkit.errors import AdapterkitError, IntegrityError
+
+MANIFEST = "adapterkit.json"
+LIBRARIES = ("adapterkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
+             "safetensors", "accelerate")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def model_card(manifest: dict) -> str:
+    base = manifest["base"]["source"]
+    tags = ["adapterkit", "peft", "lora", manifest["stage"], *manifest.get("tags", [])]
+    metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                        for k, v in manifest.get("metrics", {}).items())
+    parent = " → ".join(p["name"] for p in manifest.get("parent", [])) or "(the base)"
+    return f"""---
+base_model: {base}
+library_name: peft
+tags:
+{chr(10).join(f"- {t}" for t in dict.fromkeys(tags))}
+---
+
+# {manifest["name"]}
+
+A LoRA adapter made by adapterkit's **{manifest["stage"]}** stage for the domain
+**{manifest["domain"]}**. It is trained on top of: {parent}.
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "path/to/this/adapter")
+```
+
+Base fingerprint `{manifest["base"]["fingerprint"]["id"]}`, trained with quantization
+`{manifest["base"]["quantization"]}`. The recipe is in `config.yaml`; the manifest
+`adapterkit.json` holds the sha256 of every file.
+
+| metric | value |
+| --- | --- |
+{metrics}
+"""
+
+
+def write_artifact(out_dir: str | os.PathLike, write_files: Callable[[Path], None],
+                   manifest: dict) -> Path:
+    """Call ``write_files(tmp)``, then add manifest + card and move the folder into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_files(tmp)
+        manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "libraries": library_versions()}
+        (tmp / "README.md").write_text(model_card(manifest))
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
+                             if p.is_file() and p.name != MANIFEST}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst``; an existing ``dst`` is swapped out, then removed."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_manifest(adapter_dir: str | os.PathLike) -> dict:
+    path = Path(adapter_dir) / MANIFEST
+    if not path.is_file():
+        raise AdapterkitError(f"{adapter_dir}: no {MANIFEST}; not an adapterkit adapter")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise IntegrityError(f"{path}: corrupt manifest ({err.msg})") from None
+
+
+def verify_files(adapter_dir: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Every file the manifest lists exists with the recorded sha256."""
+    adapter_dir = Path(adapter_dir)
+    manifest = manifest or read_manifest(adapter_dir)
+    for name, digest in manifest.get("files", {}).items():
+        path = adapter_dir / name
+        if not path.is_file():
+            raise IntegrityError(f"{path}: missing (listed in {MANIFEST})")
+        if sha256_file(path) != digest:
+            raise IntegrityError(f"{path}: sha256 does not match {MANIFEST}; the file was changed or truncated")

@@ -1,0 +1,138 @@
+"""Load a base (quantized or not), fingerprint it, and attach or load adapters on it."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapterkit import quant
+from adapterkit.config import BaseSection
+from adapterkit.errors import AdapterkitError, DataError
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_base(name: str) -> str:
+    """``tiny`` -> the cached embedded base; a local directory stays; else a hub name."""
+    if name == "tiny":
+        from adapterkit.tiny import ensure_tiny
+        return str(ensure_tiny() / "base")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise AdapterkitError(f"base {name!r}: no such directory")
+    return name
+
+
+def load_tokenizer(section: BaseSection):
+    from transformers import AutoTokenizer
+    source = resolve_base(section.name)
+    tok = AutoTokenizer.from_pretrained(source, revision=section.revision,
+                                        trust_remote_code=section.trust_remote_code)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # Reuse an existing non-EOS special token (no new embedding rows, so adapters stay
+        # portable); refuse when there is none.
+        spare = [t for t in (tok.unk_token, *getattr(tok, "all_special_tokens", []))
+                 if t is not None and t not in (tok.eos_token, tok.bos_token)]
+        if not spare:
+            from adapterkit.data import check_chat_contract
+            check_chat_contract(tok, source)
+        tok.pad_token = spare[0]
+    return tok
+
+
+def load_model(section: BaseSection, device: str | None = None):
+    """The base causal LM, quantized as the section says, on CUDA when present."""
+    from transformers import AutoModelForCausalLM
+    device = device or default_device()
+    qconfig = quant.bnb_config(section.quantization, section.compute_dtype, section.double_quant)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_base(section.name), revision=section.revision, quantization_config=qconfig,
+        dtype=quant.DTYPES[section.compute_dtype], device_map={"": device},
+        trust_remote_code=section.trust_remote_code, use_safetensors=True)
+    model.config.use_cache = False
+    return model
+
+
+def load_base(section: BaseSection, device: str | None = None):
+    """(model, tokenizer) for a base section."""
+    return load_model(section, device), load_tokenizer(section)
+
+
+# -- fingerprint -----------------------------------------------------------------------------
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", "_commit_hash",
+                "torch_dtype", "dtype", "use_cache", "architectures_version"}
+
+
+def fingerprint(model, tokenizer) -> dict:
+    """Architecture config, tokenizer vocabulary and weights identity, hashed together.
+
+    Weights: the sha256 of every safetensors file of a local base, or the hub revision of
+    a downloaded one. Quantization is recorded beside it, not in it: an adapter trained on
+    nf4 can be stacked on a bf16 copy of the same base (with a warning)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ARCH_IGNORED}
+    source = model.config._name_or_path
+    path = Path(source)
+    if path.is_dir():
+        weights = {p.name: _sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+    else:
+        weights = {"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"}
+    parts = {"config": _sha256_json(config), "tokenizer": _sha256_json(sorted(tokenizer.get_vocab().items())),
+             "weights": _sha256_json(weights)}
+    return {"id": _sha256_json(parts)[:16], **parts, "source": source}
+
+
+# -- adapters on a base ----------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    """A base with named adapters: ``active`` are summed in order; ``trainable`` learn."""
+    model: object  # peft.PeftModel
+    tokenizer: object
+    active: list[str]
+    trainable: list[str]
+
+
+def adapter_names(model) -> list[str]:
+    return list(getattr(model, "peft_config", {}))
+
+
+def activate(model, active: list[str], trainable: list[str] = ()) -> None:
+    """Switch on several LoRA adapters at once; only ``trainable`` ones get gradients."""
+    model.base_model.set_adapter(active if len(active) > 1 else active[0])
+    for name, param in model.named_parameters():
+        if ".lora_" in name or "modules_to_save" in name:
+            param.requires_grad = any(f".{a}." in name or name.endswith(f".{a}") for a in trainable)
+
+
+def load_adapters(model, adapter_dirs: list[str | Path], names: list[str] | None = None):
+    """Load adapter directories onto a base (frozen); returns the PeftModel and names."""
+    from peft import PeftModel
+    names = names or [f"a{i}" for i in range(len(adapter_dirs))]
+    for name, d in zip(names, adapter_dirs):
+        if not (Path(d) / "adapter_config.json").is_file():
+            raise DataError(f"{d}: not an adapter directory (no adapter_config.json)")
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(d), adapter_name=name, is_trainable=False)
+        else:
+            model = PeftModel.from_pretrained(model, str(d), adapter_name=name, is_trainable=False)
+    return model, names

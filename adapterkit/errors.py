@@ -1,0 +1,21 @@
+"""The one exception family the CLI turns into a message without a traceback."""
+
+
+class AdapterkitError(Exception):
+    """A user-facing error: the message says what is wrong and where."""
+
+
+class ConfigError(AdapterkitError):
+    """A recipe or override is wrong: unknown key, wrong type, impossible value."""
+
+
+class DataError(AdapterkitError):
+    """A data file is wrong: the message names the file, row and field."""
+
+
+class CompatibilityError(AdapterkitError):
+    """An adapter does not fit the base or the stack it is asked to join."""
+
+
+class IntegrityError(AdapterkitError):
+    """A file on disk does not match its recorded sha256."""

@@ -1,0 +1,95 @@
+"""The main job on the embedded default: tiny base -> SFT -> ... -> a table of scores.
+
+Each step is a function registered in ``STEPS``; later stages add theirs. Every artifact
+stays under the output folder, and ``summary.json`` records what each step produced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from adapterkit import tiny
+from adapterkit.config import load_config
+
+
+@dataclass
+class Context:
+    out: Path
+    progress: bool = True
+    summary: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    _eval_prompts: list | None = None
+
+    @property
+    def tiny_dir(self) -> Path:
+        return self.out / "tiny"
+
+    def data(self, split: str) -> str:
+        return str(self.tiny_dir / "data" / f"{split}.jsonl")
+
+    def eval_prompts(self) -> list:
+        if self._eval_prompts is None:
+            with open(self.data("prompts_eval")) as f:
+                self._eval_prompts = [json.loads(line)["prompt"] for line in f]
+        return self._eval_prompts
+
+    def overrides(self, stage: str) -> list[str]:
+        """Point a shipped tiny recipe at this run's base, data and output folder."""
+        return [f"base.name={self.tiny_dir / 'base'}", f"output.dir={self.out / stage}",
+                f"train.progress={str(self.progress).lower()}"]
+
+    def score(self, adapter_dirs: list[str]) -> float:
+        """Ground-truth score of base + adapters on the held-out prompts."""
+        from adapterkit.base import load_adapters, load_base
+        section = load_config("sft", "tiny_sft", self.overrides("sft")).base
+        model, tok = load_base(section)
+        if adapter_dirs:
+            model, _ = load_adapters(model, adapter_dirs)
+            from adapterkit.base import activate
+            activate(model, list(model.peft_config))
+        score, _ = tiny_score(model, tok, self.eval_prompts())
+        return score
+
+
+def tiny_score(model, tokenizer, prompts):
+    from adapterkit.evaluate import mean_score
+    return mean_score(model, tokenizer, prompts, tiny.score)
+
+
+def step_base(ctx: Context) -> None:
+    tiny.ensure_tiny(ctx.tiny_dir)
+    ctx.summary["base_dir"] = str(ctx.tiny_dir / "base")
+    ctx.summary["stages"]["base"] = {"score": ctx.score([])}
+
+
+def step_sft(ctx: Context) -> None:
+    from adapterkit.stages.sft import train_sft
+    config = load_config("sft", "tiny_sft", ctx.overrides("sft") + [
+        f"data.train={ctx.data('sft')}", f"data.eval={ctx.data('sft_eval')}"])
+    record = train_sft(config)
+    ctx.summary["stages"]["sft"] = {"adapter": str(record.path), "score": ctx.score([str(record.path)]),
+                                    "eval_loss": record.metrics.get("eval_loss")}
+
+
+STEPS: dict[str, Callable[[Context], None]] = {"base": step_base, "sft": step_sft}
+
+
+def run_quickstart(out: str | os.PathLike = "runs/quickstart", progress: bool = True,
+                   on_step: Callable[[str], None] | None = None) -> dict:
+    """Run every registered step in order; returns (and writes) the summary."""
+    ctx = Context(out=Path(out).resolve(), progress=progress)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    ctx.summary = {"base_dir": None, "stages": {}}
+    for name, step in STEPS.items():
+        if on_step:
+            on_step(name)
+        start = time.perf_counter()
+        step(ctx)
+        ctx.timings[name] = round(time.perf_counter() - start, 1)
+    ctx.summary["seconds"] = ctx.timings
+    (ctx.out / "summary.json").write_text(json.dumps(ctx.summary, indent=2))
+    return ctx.summary

@@ -1,0 +1,96 @@
+"""What every stage shares: the record it returns, trainer arguments, the artifact."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from adapterkit.artifact import read_manifest, write_artifact
+from adapterkit.base import fingerprint
+from adapterkit.config import StageConfig, dump_config
+from adapterkit.data import template_hash
+
+log = logging.getLogger("adapterkit")
+
+
+@dataclass
+class AdapterRecord:
+    """What a stage returns: where the adapter is, its manifest and its metrics."""
+    path: Path
+    manifest: dict
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "AdapterRecord":
+        manifest = read_manifest(path)
+        return cls(Path(path), manifest, manifest.get("metrics", {}))
+
+
+def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:
+    """The TrainingArguments fields every stage sets the same way."""
+    t = config.train
+    cpu = not torch.cuda.is_available()
+    return dict(
+        output_dir=run_dir, per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, num_train_epochs=t.num_epochs, max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="no",
+        report_to="none", seed=t.seed, data_seed=t.seed, disable_tqdm=not t.progress,
+        use_cpu=cpu, bf16=config.base.compute_dtype == "bfloat16" and not cpu,
+        fp16=config.base.compute_dtype == "float16" and not cpu,
+        gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def keep_adapter_dtype(model, compute_dtype: str) -> None:
+    """trl casts LoRA weights to bf16 on quantized bases (QLoRA's recipe on GPU). In an fp32
+    run that loses small updates, so the trainable weights follow ``base.compute_dtype``."""
+    from adapterkit.quant import DTYPES
+    dtype = DTYPES[compute_dtype]
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def base_manifest(config: StageConfig, model, tokenizer, parent: list[dict] | None = None) -> dict:
+    return {
+        "name": config.output.name or config.stage, "version": None, "stage": config.stage,
+        "domain": config.output.domain, "tags": list(config.output.tags),
+        "base": {"source": config.base.name, "fingerprint": fingerprint(model, tokenizer),
+                 "quantization": config.base.quantization, "compute_dtype": config.base.compute_dtype},
+        "chat_template_sha256": template_hash(tokenizer),
+        "parent": parent or [],
+        "recipe": config.model_dump(mode="json"),
+    }
+
+
+def save_stage_artifact(config: StageConfig, manifest: dict,
+                        write_weights: Callable[[Path], None], extra: Callable[[Path], None] | None = None
+                        ) -> AdapterRecord:
+    """PEFT files + resolved config + curves + manifest + card, atomically."""
+    def write(tmp: Path) -> None:
+        write_weights(tmp)
+        (tmp / "config.yaml").write_text(dump_config(config))
+        if extra is not None:
+            extra(tmp)
+
+    path = write_artifact(config.output.dir, write, manifest)
+    record = AdapterRecord.from_dir(path)
+    if config.output.publish:
+        from adapterkit.registry import Registry
+        entry = Registry.open(config.output.registry).publish(path, name=config.output.publish,
+                                                              domain=config.output.domain)
+        record.manifest["published"] = entry
+    return record
+
+
+def run_dir() -> str:
+    """Scratch space for the trainer (checkpoints are off; logs only)."""
+    return tempfile.mkdtemp(prefix="adapterkit-run-")

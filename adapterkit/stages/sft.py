@@ -1,0 +1,91 @@
+"""Supervised fine-tuning: a QLoRA adapter over trl's ``SFTTrainer``.
+
+    adapterkit sft tiny_sft lora.r=16 train.learning_rate=1e-4
+
+setup (base, data, LoRA) -> train -> save the artifact (PEFT files, manifest, card, curve).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+
+from adapterkit.base import load_base
+from adapterkit.config import SFTConfig
+from adapterkit.data import (check_chat_contract, has_generation_markers, load_data,
+                             split_last_turn)
+from adapterkit.plots import history_series, plot_curves
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype,
+                                      run_dir, save_stage_artifact, trainer_kwargs)
+
+log = logging.getLogger("adapterkit")
+SFT_FORMATS = ("messages", "prompt_completion", "text")
+
+
+def lora_config(config, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+    lo = config.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
+                      target_modules=lo.target_modules, task_type=task_type, bias="none")
+
+
+def setup_data(config: SFTConfig, tokenizer):
+    """Validated train/eval datasets in a format SFTTrainer takes, and the load report."""
+    from datasets import Dataset
+    d = config.data
+    kw = dict(fmt=d.format, allowed=SFT_FORMATS, tokenizer=tokenizer, max_length=d.max_length,
+              on_long=d.on_long, hub_split=d.hub_split)
+    train = load_data(d.train, **kw)
+    evals = load_data(d.eval, **kw) if d.eval else None
+    assistant_only = train.format == "messages" and has_generation_markers(tokenizer)
+    if train.format == "messages" and not assistant_only:
+        log.warning("the chat template has no {%% generation %%} markers: training on the last "
+                    "assistant turn of each conversation only")
+    def to_ds(loaded):
+        rows = loaded.rows
+        if loaded.format == "messages" and not assistant_only:
+            rows = split_last_turn(rows)
+        return Dataset.from_list(rows)
+    report = {"train_rows": len(train.rows), "format": train.format, **train.report}
+    return to_ds(train), (to_ds(evals) if evals else None), assistant_only, report
+
+
+def train_sft(config: SFTConfig) -> AdapterRecord:
+    """Train an SFT adapter as the config says; returns the saved adapter's record."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTConfig as TrlSFTConfig, SFTTrainer
+
+    model, tokenizer = load_base(config.base)
+    check_chat_contract(tokenizer, config.base.name)
+    train_ds, eval_ds, assistant_only, report = setup_data(config, tokenizer)
+    manifest = base_manifest(config, model, tokenizer)
+
+    if config.base.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(config))
+
+    scratch = run_dir()
+    args = TrlSFTConfig(
+        **trainer_kwargs(config, scratch), max_length=config.data.max_length,
+        packing=config.train.packing, padding_free=config.train.padding_free,
+        assistant_only_loss=assistant_only, completion_only_loss=None,
+        eval_strategy="epoch" if eval_ds is not None else "no",
+        pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    keep_adapter_dtype(trainer.model, config.base.compute_dtype)
+    result = trainer.train()
+
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **report}
+    if eval_ds is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    history = trainer.state.log_history
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    def extra(tmp):
+        plot_curves(tmp / "loss.png", history_series(history, ["loss", "eval_loss"]), "SFT loss")
+
+    record = save_stage_artifact(
+        config, {**manifest, "metrics": metrics},
+        lambda tmp: trainer.model.save_pretrained(tmp, safe_serialization=True), extra)
+    return record

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny base and task, built once per session from config, offline.
+
+ADAPTERKIT_HOME points at a session temp folder, so nothing outside it is read or written.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def ak_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("adapterkit-home")
+    old = os.environ.get("ADAPTERKIT_HOME")
+    os.environ["ADAPTERKIT_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("ADAPTERKIT_HOME", None)
+    else:
+        os.environ["ADAPTERKIT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(ak_home):
+    """The embedded default, built once: ``base/`` and ``data/``."""
+    from adapterkit.tiny import ensure_tiny
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(tiny_dir, tmp_path_factory):
+    """An SFT adapter on the 4-bit tiny base, trained with the shipped recipe."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.sft import train_sft
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    config = load_config("sft", "tiny_sft", [f"output.dir={out}", "train.progress=false"])
+    return train_sft(config)
+
+
+def load_jsonl(path):
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
