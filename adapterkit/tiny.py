@@ -262,10 +262,23 @@ def tiny_home() -> Path:
 
 
 def ensure_tiny(out: str | os.PathLike | None = None, refresh: bool = False) -> Path:
-    """The cached build (built on first use); ``refresh`` rebuilds it."""
-    out = Path(out) if out is not None else tiny_home()
-    if refresh or not (out / "tiny.json").is_file():
-        build_tiny(out)
+    """The cached build (built on first use), or a copy of it at ``out``.
+
+    The build is deterministic, so copying the cache equals building anew; ``refresh``
+    rebuilds the cache first."""
+    home = tiny_home()
+    if refresh or not (home / "tiny.json").is_file():
+        build_tiny(home)
+    if out is None or Path(out).resolve() == home.resolve():
+        return home
+    out = Path(out)
+    if not (out / "tiny.json").is_file() or refresh:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        shutil.copytree(home, tmp, dirs_exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 
 from adapterkit.base import load_base
 from adapterkit.config import SFTConfig
@@ -49,8 +50,18 @@ def setup_data(config: SFTConfig, tokenizer):
     return to_ds(train), (to_ds(evals) if evals else None), assistant_only, report
 
 
-def train_sft(config: SFTConfig) -> AdapterRecord:
-    """Train an SFT adapter as the config says; returns the saved adapter's record."""
+@dataclass
+class SFTRun:
+    """Everything ``setup_sft`` builds; ``finish_sft`` turns it into an artifact."""
+    config: SFTConfig
+    trainer: object  # trl.SFTTrainer over the PeftModel
+    manifest: dict
+    report: dict
+    scratch: str
+
+
+def setup_sft(config: SFTConfig) -> SFTRun:
+    """Base (quantized), tokenizer, validated data, LoRA and trainer; nothing trained yet."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig as TrlSFTConfig, SFTTrainer
 
@@ -58,12 +69,10 @@ def train_sft(config: SFTConfig) -> AdapterRecord:
     check_chat_contract(tokenizer, config.base.name)
     train_ds, eval_ds, assistant_only, report = setup_data(config, tokenizer)
     manifest = base_manifest(config, model, tokenizer)
-
     if config.base.quantization != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.train.gradient_checkpointing)
     model = get_peft_model(model, lora_config(config))
-
     scratch = run_dir()
     args = TrlSFTConfig(
         **trainer_kwargs(config, scratch), max_length=config.data.max_length,
@@ -74,18 +83,27 @@ def train_sft(config: SFTConfig) -> AdapterRecord:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
     keep_adapter_dtype(trainer.model, config.base.compute_dtype)
-    result = trainer.train()
+    return SFTRun(config, trainer, manifest, report, scratch)
 
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **report}
-    if eval_ds is not None:
+
+def finish_sft(run: SFTRun, result) -> AdapterRecord:
+    """Metrics, loss curve and the adapter artifact."""
+    trainer = run.trainer
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **run.report}
+    if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(run.scratch, ignore_errors=True)
 
     def extra(tmp):
         plot_curves(tmp / "loss.png", history_series(history, ["loss", "eval_loss"]), "SFT loss")
 
-    record = save_stage_artifact(
-        config, {**manifest, "metrics": metrics},
+    return save_stage_artifact(
+        run.config, {**run.manifest, "metrics": metrics},
         lambda tmp: trainer.model.save_pretrained(tmp, safe_serialization=True), extra)
-    return record
+
+
+def train_sft(config: SFTConfig) -> AdapterRecord:
+    """Train an SFT adapter as the config says; returns the saved adapter's record."""
+    run = setup_sft(config)
+    return finish_sft(run, run.trainer.train())

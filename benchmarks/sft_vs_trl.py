@@ -1,0 +1,128 @@
+"""adapterkit SFT vs plain trl SFTTrainer: tokens per second and peak memory, one run.
+
+    python benchmarks/sft_vs_trl.py [--hidden 512 --layers 8 --steps 30]
+
+Both sides get the same base (a Llama built from config with the tiny tokenizer, loaded in
+4-bit NF4), the same data (the tiny task's SFT split), the same LoRA settings and batch. Each
+side runs in its own subprocess so peak memory is its own: peak RSS on CPU (and peak RSS above
+the process's baseline after imports), peak allocated on CUDA. Prints a JSON report with the
+ratios adapterkit / trl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_base(out: Path, hidden: int, layers: int) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from adapterkit.tiny import ensure_tiny
+    tok = AutoTokenizer.from_pretrained(ensure_tiny() / "base")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                         num_key_value_heads=max(1, hidden // 128), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def result(trainer, seconds: float, baseline: float) -> dict:
+    import torch
+    tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
+    out = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+           "peak_rss_mb": peak_rss_mb(), "peak_rss_above_baseline_mb": peak_rss_mb() - baseline}
+    if torch.cuda.is_available():
+        out["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_adapterkit(base: str, steps: int, batch: int) -> dict:
+    from adapterkit.config import load_config
+    from adapterkit.stages.sft import setup_sft
+    baseline = rss_mb()
+    config = load_config("sft", "tiny_sft", [
+        f"base.name={base}", "data.eval=null", f"train.max_steps={steps}", f"train.batch_size={batch}",
+        f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false",
+        "train.gradient_checkpointing=false", f"output.dir={tempfile.mkdtemp()}"])
+    run = setup_sft(config)
+    start = time.perf_counter()
+    run.trainer.train()
+    return result(run.trainer, time.perf_counter() - start, baseline)
+
+
+def run_trl(base: str, steps: int, batch: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+    from adapterkit.tiny import ensure_tiny
+    baseline = rss_mb()
+    rows = [json.loads(line) for line in open(ensure_tiny() / "data" / "sft.jsonl")]
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map={"": device})
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                     learning_rate=3e-3, logging_steps=10, report_to="none", save_strategy="no",
+                     max_length=64, assistant_only_loss=True, disable_tqdm=True,
+                     use_cpu=device == "cpu", gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(base),
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    start = time.perf_counter()
+    trainer.train()
+    return result(trainer, time.perf_counter() - start, baseline)
+
+
+SIDES = {"adapterkit": run_adapterkit, "trl": run_trl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # a child: run one side, print its JSON
+        print(json.dumps(SIDES[args.side](args.base, args.steps, args.batch)))
+        return
+    base = Path(tempfile.mkdtemp()) / "base"
+    build_base(base, args.hidden, args.layers)
+    report = {"model": {"hidden": args.hidden, "layers": args.layers}, "steps": args.steps, "batch": args.batch}
+    for side in SIDES:
+        proc = subprocess.run([sys.executable, __file__, "--side", side, "--base", str(base),
+                               "--steps", str(args.steps), "--batch", str(args.batch)],
+                              capture_output=True, text=True, check=True)
+        report[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, peer = report["adapterkit"], report["trl"]
+    report["ratios_adapterkit_over_trl"] = {
+        k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb",
+                                       "peak_allocated_mb") if k in ours and k in peer}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+import pytest
+
+from adapterkit.config import apply_overrides, load_config, recipe_path, shipped_recipes
+from adapterkit.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_override_is_applied_and_typed():
+    c = load_config("sft", "tiny_sft", ["train.learning_rate=1e-4", "lora.r=16", "lora.target_modules=[q_proj]"])
+    assert c.train.learning_rate == 1e-4 and c.lora.r == 16 and c.lora.target_modules == ["q_proj"]
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", write(tmp_path, "train:\n  learning_rat: 0.1\n"))
+    assert "train.learning_rat: unknown key" in str(err.value)
+    assert "r.yaml" in str(err.value)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", "tiny_sft", ["train.batch_size=many"])
+    assert "train.batch_size" in str(err.value) and "'many'" in str(err.value)
+
+
+def test_impossible_values_are_refused():
+    for override, key in [("lora.r=0", "lora.r"), ("train.learning_rate=-1", "train.learning_rate"),
+                          ("lora.lora_dropout=1.5", "lora.lora_dropout"),
+                          ("base.quantization=nf3", "base.quantization")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("sft", "tiny_sft", [override])
+
+
+def test_packing_and_padding_free_conflict():
+    with pytest.raises(ConfigError, match="packing and train.padding_free"):
+        load_config("sft", "tiny_sft", ["train.packing=true", "train.padding_free=true"])
+
+
+def test_bad_override_syntax_and_section():
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_overrides({}, ["lora.r"])
+    with pytest.raises(ConfigError, match="is not a section"):
+        apply_overrides({"lora": 3}, ["lora.r=2"])
+
+
+def test_recipe_for_another_stage_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="this recipe is for 'dpo'"):
+        load_config("sft", write(tmp_path, "stage: dpo\n"))
+
+
+def test_missing_recipe_names_the_shipped_ones():
+    with pytest.raises(ConfigError, match="tiny_sft"):
+        load_config("sft", "no_such_recipe")
+
+
+def test_every_shipped_recipe_opens_with_its_command_and_validates():
+    from adapterkit.config import STAGE_CONFIGS
+    import yaml
+    assert "tiny_sft" in shipped_recipes()
+    for name in shipped_recipes():
+        text = recipe_path(name).read_text()
+        assert text.startswith("# adapterkit "), name
+        stage = yaml.safe_load(text)["stage"]
+        if stage in STAGE_CONFIGS:
+            load_config(stage, name)
