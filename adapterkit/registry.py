@@ -1,0 +1,512 @@
+"""The adapter store: publish, resolve, verify, lineage, profiles.
+
+A registry is a directory (``./adapters`` unless ``--registry DIR`` or $ADAPTERKIT_REGISTRY):
+
+    <root>/index.sqlite          one row per entry and per profile (WAL, busy timeout)
+    <root>/<name>/<version>/     the adapter files, immutable once published
+    <root>/.tmp/                 publishes in progress (each holds an flock while alive)
+
+The index is the truth: an entry exists when its row does. Publishing copies into
+``.tmp``, verifies every sha256, then - inside one ``BEGIN IMMEDIATE`` transaction, which
+serialises publishers across processes - picks the next version, renames the copy into
+place and inserts the row. A crash before the commit leaves no row, so the entry does not
+exist; ``gc`` removes what it left on disk. Only the standard library is imported here, so
+the registry stays fast to open and safe to use from a subprocess.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adapterkit.artifact import MANIFEST, model_card, read_manifest, sha256_file, verify_files
+from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityError
+
+INDEX = "index.sqlite"
+TMP = ".tmp"
+WEIGHTS = "adapter_model.safetensors"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+MODES = ("stack", "merge", "export")
+PAUSE_ENV = "ADAPTERKIT_PUBLISH_PAUSE"  # tests: "<point>" sleeps there so a kill lands mid-publish
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    name TEXT NOT NULL, version INTEGER NOT NULL, stage TEXT, domain TEXT, base_id TEXT,
+    tags TEXT NOT NULL, parent TEXT NOT NULL, files TEXT NOT NULL, weights_sha256 TEXT,
+    created_at TEXT, published_at TEXT NOT NULL, manifest TEXT NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE INDEX IF NOT EXISTS entries_weights ON entries (weights_sha256);
+CREATE TABLE IF NOT EXISTS profiles (
+    name TEXT PRIMARY KEY, domain TEXT NOT NULL, stack TEXT NOT NULL, mode TEXT NOT NULL,
+    method TEXT NOT NULL, updated_at TEXT NOT NULL);
+"""
+
+
+class RegistryError(AdapterkitError):
+    """A registry operation cannot be done: unknown name or version, bad name, bad profile."""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("ADAPTERKIT_REGISTRY") or "adapters")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pause(point: str) -> None:
+    """Test hook: with $ADAPTERKIT_PUBLISH_PAUSE=<point>, say so on stdout and sleep there."""
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"paused at {point}", flush=True)
+        time.sleep(3600)
+
+
+def validate_name(name: str) -> str:
+    """A registry name is one path component: letters, digits, ``. _ + -``; no ``..``."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise RegistryError(
+            f"invalid adapter name {name!r}: use letters, digits and . _ + - (starting with a "
+            "letter or digit, no '..', no '/'), so that it stays inside the registry directory")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name`` / ``name@latest`` -> (name, None); ``name@3`` or ``name@v3`` -> (name, 3)."""
+    name, sep, version = str(ref).partition("@")
+    validate_name(name)
+    if not sep or version == "latest":
+        return name, None
+    digits = version[1:] if version[:1] in ("v", "V") else version
+    if not digits.isdigit() or int(digits) < 1:
+        raise RegistryError(f"{ref!r}: a version is a number >= 1 or 'latest' (name@3, name@latest)")
+    return name, int(digits)
+
+
+@dataclass
+class Entry:
+    """One published, immutable adapter version."""
+    name: str
+    version: int
+    stage: str | None
+    domain: str | None
+    base_id: str | None
+    tags: list[str]
+    parent: list[dict]
+    files: dict[str, str]
+    weights_sha256: str | None
+    created_at: str | None
+    published_at: str
+    path: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self, manifest: bool = False) -> dict:
+        out = asdict(self)
+        out["path"], out["ref"] = str(self.path), self.ref
+        if not manifest:
+            out.pop("manifest")
+        return out
+
+
+@dataclass
+class Profile:
+    """A named serving recipe for a domain: an ordered stack of refs and a mode."""
+    name: str
+    domain: str
+    stack: list[str]
+    mode: str = "stack"  # stack | merge | export
+    method: str = "cat"  # the merge method when mode is merge
+    updated_at: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Registry:
+    """A registry root: adapter directories plus the SQLite index."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.index = root / INDEX
+
+    @classmethod
+    def open(cls, root: str | os.PathLike | None = None) -> "Registry":
+        """Open (creating when needed) the registry at ``root`` or the default root."""
+        root = Path(root).expanduser() if root is not None else default_root()
+        if root.exists() and not root.is_dir():
+            raise RegistryError(f"registry {root}: exists and is not a directory")
+        (root / TMP).mkdir(parents=True, exist_ok=True)
+        reg = cls(root.resolve())
+        with reg._db() as db:
+            db.executescript(SCHEMA)
+        return reg
+
+    # -- the index -----------------------------------------------------------------------
+
+    @contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.index, timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout = 60000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.row_factory = sqlite3.Row
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; BEGIN IMMEDIATE takes the lock up front (no upgrade deadlock)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _entry(self, row: sqlite3.Row) -> Entry:
+        return Entry(name=row["name"], version=row["version"], stage=row["stage"], domain=row["domain"],
+                     base_id=row["base_id"], tags=json.loads(row["tags"]), parent=json.loads(row["parent"]),
+                     files=json.loads(row["files"]), weights_sha256=row["weights_sha256"],
+                     created_at=row["created_at"], published_at=row["published_at"],
+                     path=self.root / row["name"] / str(row["version"]), manifest=json.loads(row["manifest"]))
+
+    # -- publish -------------------------------------------------------------------------
+
+    def publish(self, adapter_dir: str | os.PathLike, name: str | None = None, domain: str | None = None,
+                tags: list[str] = ()) -> Entry:
+        """Copy a trained adapter directory in as ``name``'s next version; returns the entry."""
+        src = Path(adapter_dir)
+        manifest = read_manifest(src)
+        name = validate_name(name if name is not None else manifest.get("name") or src.name)
+        if not (src / "adapter_config.json").is_file():
+            raise RegistryError(f"{src}: not an adapter directory (no adapter_config.json)")
+        verify_files(src, manifest)  # a tampered source is refused, naming its file
+        with self._staging() as tmp:
+            for fname in manifest.get("files", {}):
+                shutil.copy2(src / fname, tmp / fname)
+            verify_files(tmp, manifest)
+            _pause("copied")
+            with self._write() as db:
+                version = self._next_version(db, name)
+                manifest = self._stamp(tmp, manifest, name, version, domain, tags, src)
+                final = self.root / name / str(version)
+                final.parent.mkdir(exist_ok=True)
+                os.replace(tmp, final)
+                try:
+                    _pause("renamed")
+                    self._insert(db, manifest)
+                    _pause("inserted")
+                except BaseException:
+                    shutil.rmtree(final, ignore_errors=True)  # the row rolls back; so do the files
+                    raise
+            _pause("published")
+        return self.get(f"{name}@{version}")
+
+    @contextmanager
+    def _staging(self):
+        """A temp dir in ``.tmp`` whose lock file is flocked while this process lives."""
+        token = uuid.uuid4().hex
+        lock = open(self.root / TMP / f"{token}.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = self.root / TMP / token
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+            os.unlink(lock.name)
+            lock.close()
+
+    def _next_version(self, db, name: str) -> int:
+        """max(version)+1; a directory left by a crash after its rename is cleared first
+        (safe: the caller holds the write lock, so no live publisher owns it)."""
+        row = db.execute("SELECT MAX(version) FROM entries WHERE name = ?", (name,)).fetchone()
+        version = (row[0] or 0) + 1
+        stale = self.root / name / str(version)
+        if stale.exists():
+            shutil.rmtree(stale)
+        return version
+
+    def _stamp(self, tmp: Path, manifest: dict, name: str, version: int, domain: str | None,
+               tags, src: Path) -> dict:
+        """Write the registry's name/version/domain into the copy's manifest and card."""
+        manifest = {**manifest, "name": name, "version": version,
+                    "domain": domain or manifest.get("domain") or "general",
+                    "tags": list(dict.fromkeys([*manifest.get("tags", []), *tags])),
+                    "published_at": _now(),
+                    "published_from": {"path": str(src.resolve()), "name": manifest.get("name")}}
+        files = dict(manifest.get("files", {}))
+        if "README.md" in files:
+            (tmp / "README.md").write_text(model_card(manifest))
+            files["README.md"] = sha256_file(tmp / "README.md")
+        manifest["files"] = files
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        return manifest
+
+    def _insert(self, db, m: dict) -> None:
+        base_id = (m.get("base") or {}).get("fingerprint", {}).get("id")
+        db.execute(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (m["name"], m["version"], m.get("stage"), m["domain"], base_id, json.dumps(m["tags"]),
+             json.dumps(m.get("parent", [])), json.dumps(m["files"]), m["files"].get(WEIGHTS),
+             m.get("created_at"), m["published_at"], json.dumps(m, default=str)))
+
+    # -- read ----------------------------------------------------------------------------
+
+    def list(self, domain: str | None = None, stage: str | None = None, base: str | None = None,
+             tag: str | None = None, name: str | None = None, latest: bool = False) -> list[Entry]:
+        """Entries, oldest first, filtered; ``latest`` keeps each name's newest version."""
+        where, args = [], []
+        for column, value in (("domain", domain), ("stage", stage), ("base_id", base), ("name", name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if tag is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(entries.tags) WHERE value = ?)")
+            args.append(tag)
+        sql = "SELECT * FROM entries" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._db() as db:
+            entries = [self._entry(r) for r in db.execute(sql + " ORDER BY name, version", args)]
+        if latest:
+            entries = list({e.name: e for e in entries}.values())
+        return entries
+
+    def get(self, ref: str) -> Entry:
+        """Resolve ``name``, ``name@latest`` or ``name@3`` to its entry."""
+        name, version = parse_ref(ref)
+        with self._db() as db:
+            versions = [r[0] for r in db.execute(
+                "SELECT version FROM entries WHERE name = ? ORDER BY version", (name,))]
+            if not versions:
+                known = [r[0] for r in db.execute("SELECT DISTINCT name FROM entries ORDER BY name")]
+                raise RegistryError(f"no adapter named {name!r} in the registry {self.root}"
+                                    f" (known: {', '.join(known[:20]) or 'none'})")
+            if version is not None and version not in versions:
+                raise RegistryError(f"{name}@{version}: no such version in the registry {self.root}; "
+                                    f"{name} has versions {', '.join(map(str, versions))}")
+            row = db.execute("SELECT * FROM entries WHERE name = ? AND version = ?",
+                             (name, version or versions[-1])).fetchone()
+        return self._entry(row)
+
+    resolve = get
+
+    def path(self, ref: str, verify: bool = True) -> Path:
+        """The entry's directory, its files checked against their sha256 first."""
+        entry = self.get(ref)
+        if verify:
+            self.verify(entry.ref)
+        return entry.path
+
+    def verify(self, ref: str) -> Entry:
+        """Every file of the entry against the sha256 in the index; raises naming the file."""
+        entry = self.get(ref)
+        if not entry.path.is_dir():
+            raise IntegrityError(f"{entry.ref}: its directory {entry.path} is missing")
+        verify_files(entry.path, {"files": entry.files})
+        if read_manifest(entry.path) != entry.manifest:
+            raise IntegrityError(f"{entry.path / MANIFEST}: differs from the index; the manifest was "
+                                 f"changed after {entry.ref} was published")
+        return entry
+
+    def verify_all(self) -> dict[str, str | None]:
+        """ref -> None when intact, else the error message."""
+        out = {}
+        for entry in self.list():
+            try:
+                self.verify(entry.ref)
+                out[entry.ref] = None
+            except AdapterkitError as err:
+                out[entry.ref] = str(err)
+        return out
+
+    # -- lineage -------------------------------------------------------------------------
+
+    def parent_entries(self, entry: Entry) -> list[Entry | dict]:
+        """The entry's parent stack, each as a registry entry when found (by weights sha256,
+        then by name@version), else as the manifest recorded it."""
+        out = []
+        for p in entry.parent:
+            found = self._find_parent(p)
+            out.append(found if found is not None else p)
+        return out
+
+    def _find_parent(self, p: dict) -> Entry | None:
+        with self._db() as db:
+            row = None
+            if p.get("sha256"):
+                row = db.execute("SELECT * FROM entries WHERE weights_sha256 = ? ORDER BY version LIMIT 1",
+                                 (p["sha256"],)).fetchone()
+            if row is None and p.get("name") and p.get("version"):
+                row = db.execute("SELECT * FROM entries WHERE name = ? AND version = ?",
+                                 (p["name"], p["version"])).fetchone()
+        return self._entry(row) if row is not None else None
+
+    def lineage(self, ref: str, _seen: frozenset = frozenset()) -> dict:
+        """{"ref", "stage", "domain", "base_id", "parents": [subtrees]}; unpublished parents
+        appear with ``"ref": None`` and the name and path the manifest recorded."""
+        entry = self.get(ref)
+        node = {"ref": entry.ref, "stage": entry.stage, "domain": entry.domain, "base_id": entry.base_id,
+                "merged_from": [s["ref"] for s in (entry.manifest.get("merge") or {}).get("sources", [])],
+                "parents": []}
+        for p in self.parent_entries(entry):
+            if isinstance(p, Entry) and p.ref not in _seen:
+                node["parents"].append(self.lineage(p.ref, _seen | {entry.ref}))
+            elif isinstance(p, dict):
+                node["parents"].append({"ref": None, "name": p.get("name"), "path": p.get("path"),
+                                        "parents": []})
+        return node
+
+    def serving_stack(self, ref: str) -> list[str]:
+        """The refs a policy entry is served with: its published parents, bottom first, then
+        itself (a ``continue``-mode adapter replaces its last parent)."""
+        entry = self.get(ref)
+        parents = [p.ref for p in self.parent_entries(entry) if isinstance(p, Entry)]
+        recipe = entry.manifest.get("recipe") or {}
+        if (recipe.get(entry.stage or "") or {}).get("mode") == "continue":
+            parents = parents[:-1]
+        return [*parents, entry.ref]
+
+    # -- remove and gc -------------------------------------------------------------------
+
+    def remove(self, ref: str) -> list[str]:
+        """Remove ``name@N`` (or every version with ``name@all``); returns the removed refs.
+        The row goes first, in one transaction; the files after it."""
+        name, _, version = str(ref).partition("@")
+        if version in ("", "latest"):
+            raise RegistryError(f"{ref!r}: say which version to remove (name@3), or name@all")
+        entries = self.list(name=validate_name(name)) if version == "all" else [self.get(ref)]
+        if not entries:
+            raise RegistryError(f"no adapter named {name!r} in the registry {self.root}")
+        with self._write() as db:
+            for e in entries:
+                db.execute("DELETE FROM entries WHERE name = ? AND version = ?", (e.name, e.version))
+        for e in entries:
+            shutil.rmtree(e.path, ignore_errors=True)
+        return [e.ref for e in entries]
+
+    def gc(self) -> list[str]:
+        """Delete what crashed or killed publishes left: staging dirs whose owner is gone and
+        version dirs with no index row. Returns the removed paths."""
+        removed = self._gc_staging()
+        with self._write() as db:  # holding the lock: no publisher is between rename and commit
+            rows = {(r[0], r[1]) for r in db.execute("SELECT name, version FROM entries")}
+            for d in sorted(self.root.glob("*/*")):
+                if d.is_dir() and not d.parent.name.startswith(".") and (d.parent.name, _as_int(d.name)) not in rows:
+                    shutil.rmtree(d)
+                    removed.append(str(d))
+            for d in self.root.iterdir():  # empty name dirs (a publisher mkdirs inside the lock too)
+                if d.is_dir() and not d.name.startswith(".") and not any(d.iterdir()):
+                    d.rmdir()
+        return removed
+
+    def _gc_staging(self) -> list[str]:
+        removed = []
+        tmp_root = self.root / TMP
+        for lock_path in tmp_root.glob("*.lock"):
+            with open(lock_path, "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live publisher holds it
+                shutil.rmtree(tmp_root / lock_path.stem, ignore_errors=True)
+                os.unlink(lock_path)
+                removed.append(str(tmp_root / lock_path.stem))
+        for d in tmp_root.iterdir():  # a staging dir with no lock file has no owner
+            if d.is_dir() and not (tmp_root / f"{d.name}.lock").exists():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(str(d))
+        return removed
+
+    # -- profiles ------------------------------------------------------------------------
+
+    def set_profile(self, name: str, stack: list[str], mode: str = "stack", method: str = "cat",
+                    domain: str | None = None, force: bool = False) -> Profile:
+        """Create or replace a profile; every ref must resolve, on one base unless ``force``."""
+        validate_name(name)
+        if mode not in MODES:
+            raise RegistryError(f"profile {name!r}: mode {mode!r} is not one of {', '.join(MODES)}")
+        if not stack:
+            raise RegistryError(f"profile {name!r}: the stack is empty; name at least one adapter")
+        entries = [self._profile_entry(name, ref) for ref in stack]
+        bases = {e.base_id for e in entries}
+        if len(bases) > 1 and not force:
+            detail = ", ".join(f"{e.ref} on {e.base_id}" for e in entries)
+            raise CompatibilityError(f"profile {name!r}: its adapters were trained on different bases "
+                                     f"({detail}); pass force to set it anyway")
+        profile = Profile(name, domain or entries[-1].domain or name, [str(r) for r in stack], mode,
+                          method, _now())
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?, ?, ?)",
+                       (profile.name, profile.domain, json.dumps(profile.stack), profile.mode,
+                        profile.method, profile.updated_at))
+        return profile
+
+    def _profile_entry(self, profile: str, ref: str) -> Entry:
+        try:
+            return self.get(ref)
+        except RegistryError as err:
+            raise RegistryError(f"profile {profile!r} names {ref!r}, which is not in the registry: {err}") from None
+
+    def profile(self, name: str) -> Profile:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM profiles WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                known = [r[0] for r in db.execute("SELECT name FROM profiles ORDER BY name")]
+                raise RegistryError(f"no profile named {name!r} in the registry {self.root} "
+                                    f"(profiles: {', '.join(known) or 'none'})")
+        return Profile(row["name"], row["domain"], json.loads(row["stack"]), row["mode"], row["method"],
+                       row["updated_at"])
+
+    def profiles(self) -> list[Profile]:
+        with self._db() as db:
+            rows = db.execute("SELECT name FROM profiles ORDER BY name").fetchall()
+        return [self.profile(r[0]) for r in rows]
+
+    def profile_entries(self, name: str) -> list[Entry]:
+        """The profile's stack resolved now; an adapter removed since fails, named."""
+        profile = self.profile(name)
+        return [self._profile_entry(name, ref) for ref in profile.stack]
+
+    def remove_profile(self, name: str) -> None:
+        self.profile(name)
+        with self._write() as db:
+            db.execute("DELETE FROM profiles WHERE name = ?", (name,))
+
+    def profiles_using(self, name: str) -> list[str]:
+        """Profiles whose stack names ``name`` (any version)."""
+        return [p.name for p in self.profiles() if any(parse_ref(r)[0] == name for r in p.stack)]
+
+
+def _as_int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def tree_lines(node: dict, prefix: str = "") -> list[str]:
+    """A lineage tree as text lines (``show`` prints them)."""
+    label = node["ref"] or f"{node.get('name')} (not in the registry: {node.get('path')})"
+    extra = f"  [{node['stage']}, {node['domain']}, base {node['base_id']}]" if node["ref"] else ""
+    if node.get("merged_from"):
+        extra += f"  merged from {' + '.join(node['merged_from'])}"
+    lines = [label + extra]
+    kids = node["parents"]
+    for i, kid in enumerate(kids):
+        last = i == len(kids) - 1
+        sub = tree_lines(kid)
+        lines.append(("└── " if last else "├── ") + sub[0])
+        lines += [("    " if last else "│   ") + s for s in sub[1:]]
+    return lines
