@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import torch
 
 from adapterkit import quant
 from adapterkit.config import BaseSection
-from adapterkit.errors import AdapterkitError, DataError
+from adapterkit.errors import AdapterkitError, CompatibilityError, DataError
+
+log = logging.getLogger("adapterkit")
 
 
 def default_device() -> str:
@@ -47,16 +51,21 @@ def load_tokenizer(section: BaseSection):
     return tok
 
 
-def load_model(section: BaseSection, device: str | None = None):
-    """The base causal LM, quantized as the section says, on CUDA when present."""
-    from transformers import AutoModelForCausalLM
+def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
+    """The base causal LM, quantized as the section says, on CUDA when present.
+
+    ``num_labels`` loads it as a sequence classifier instead (a reward model: 1)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     device = device or default_device()
     qconfig = quant.bnb_config(section.quantization, section.compute_dtype, section.double_quant)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_base(section.name), revision=section.revision, quantization_config=qconfig,
+    auto, extra = ((AutoModelForCausalLM, {}) if num_labels is None
+                   else (AutoModelForSequenceClassification, {"num_labels": num_labels}))
+    model = auto.from_pretrained(
+        resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
         dtype=quant.DTYPES[section.compute_dtype], device_map={"": device},
         trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
+    quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)
     return model
 
 
@@ -80,7 +89,10 @@ def _sha256_json(obj) -> str:
 
 
 ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", "_commit_hash",
-                "torch_dtype", "dtype", "use_cache", "architectures_version"}
+                "torch_dtype", "dtype", "use_cache", "architectures_version",
+                # a head's labels are not the backbone's identity: a reward model (num_labels=1)
+                # and the policy share one base fingerprint
+                "id2label", "label2id", "num_labels", "problem_type"}
 
 
 def fingerprint(model, tokenizer) -> dict:
@@ -136,3 +148,72 @@ def load_adapters(model, adapter_dirs: list[str | Path], names: list[str] | None
         else:
             model = PeftModel.from_pretrained(model, str(d), adapter_name=name, is_trainable=False)
     return model, names
+
+
+@contextmanager
+def use_adapters(model, active: list[str]):
+    """Run with only ``active`` adapters switched on (none: the bare base), then switch back.
+
+    Which parameters train is left as it was: peft's ``set_adapter`` marks the adapters it
+    switches on as trainable, so every ``requires_grad`` flag is saved and restored."""
+    previous = list(model.base_model.active_adapters)
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        if active:
+            model.base_model.set_adapter(list(active), inference_mode=True)
+            yield
+        else:
+            with model.disable_adapter():
+                yield
+    finally:
+        model.base_model.set_adapter(previous)
+        for name, p in model.named_parameters():
+            p.requires_grad = grads[name]
+
+
+def resolve_adapter(ref: str | Path, registry: str | Path | None = None) -> Path:
+    """An adapter directory, or a registry reference (``name``, ``name@3``) resolved to its
+    verified directory. An absent registry is not created."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from adapterkit.registry import INDEX, Registry, default_root
+    root = Path(registry).expanduser() if registry is not None else default_root()
+    if "/" in str(ref) or not (root / INDEX).is_file():
+        raise DataError(f"{ref}: no such adapter directory (nor a registry entry: no registry at {root})")
+    return Registry.open(root).path(str(ref))
+
+
+def parent_entry(adapter_dir: str | Path, base_fp: dict) -> dict:
+    """The manifest's record of one parent adapter (a directory or a registry reference);
+    refuses one trained on another base."""
+    from adapterkit.artifact import MANIFEST, read_manifest
+    d = resolve_adapter(adapter_dir)
+    weights = d / "adapter_model.safetensors"
+    if not (d / "adapter_config.json").is_file() or not weights.is_file():
+        raise DataError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
+                        "adapter_model.safetensors)")
+    if (d / MANIFEST).is_file():
+        manifest = read_manifest(d)
+        trained_on = manifest["base"]["fingerprint"]["id"]
+        if trained_on != base_fp["id"]:
+            raise CompatibilityError(f"{adapter_dir}: trained on base {trained_on} "
+                                     f"({manifest['base']['source']}), not on this base {base_fp['id']}")
+        name = manifest["name"]
+    else:
+        log.warning("%s: no %s; its base cannot be checked", adapter_dir, MANIFEST)
+        name, trained_on = d.name, None
+    return {"path": str(d), "name": name, "sha256": _sha256_file(weights),
+            "base_fingerprint": trained_on}
+
+
+def load_parent_stack(model, parent_dirs: list[str | Path], base_fp: dict):
+    """Frozen parent adapters (bottom first) as ``parent0, parent1, ...`` on a base.
+
+    Returns (model, adapter names, the manifest's ``parent`` entries); with no parents the
+    model comes back as it was."""
+    entries = [parent_entry(d, base_fp) for d in parent_dirs]
+    names = [f"parent{i}" for i in range(len(entries))]
+    if entries:
+        model, names = load_adapters(model, [e["path"] for e in entries], names)
+    return model, names, entries

@@ -103,6 +103,94 @@ def register_stage_config(cls: type[StageConfig]) -> type[StageConfig]:
     return cls
 
 
+class PPOSection(Section):
+    """PPO (Schulman et al. 2017) with InstructGPT's KL-shaped reward (Ouyang et al. 2022)."""
+    parent: list[str] = []  # frozen parent stack (dirs or registry refs, bottom first): the reference
+    reward: str | None = None  # reward adapter (LoRA + score head), dir or registry ref; required
+    value_init: Literal["reward", "fresh"] = "reward"  # value adapter + head: the reward's, or new
+    rollout_batch_size: int = Field(64, gt=0)  # prompts per PPO step (per process)
+    ppo_epochs: int = Field(2, gt=0)
+    max_new_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    kl_coef: float = Field(0.05, ge=0)  # beta; the initial value when adaptive_kl
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: float = Field(10000, gt=0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None  # subtracted from the score of unfinished responses
+    scorer: Literal["tiny"] | None = None  # ground-truth scorer for the held-out prompts
+    checkpoint_every: int = Field(0, ge=0)  # PPO steps between checkpoints; 0: none
+    checkpoint_dir: str | None = None  # default: <output.dir>.checkpoint
+    resume_from: str | None = None  # a checkpoint dir written by checkpoint_every
+
+
+@register_stage_config
+class PPOConfig(StageConfig):
+    stage: Literal["ppo"] = "ppo"
+    data: DataSection = DataSection(train="tiny:prompts", eval="tiny:prompts_eval", format="prompt")
+    ppo: PPOSection = PPOSection()
+
+    @model_validator(mode="after")
+    def _batches(self) -> "PPOConfig":
+        if self.ppo.reward is None:
+            raise ValueError("ppo.reward: required (a reward adapter directory)")
+        minibatch = self.train.batch_size * self.train.grad_accum
+        if self.ppo.rollout_batch_size % minibatch:
+            raise ValueError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple "
+                             f"of train.batch_size * train.grad_accum = {minibatch}")
+        return self
+
+
+PREFERENCE_DATA = DataSection(train="tiny:preferences", eval="tiny:preferences_eval", format="preference")
+
+
+class RewardSection(Section):
+    """Bradley-Terry reward model: a LoRA adapter plus a scalar head (``score``)."""
+    center_rewards_coefficient: float | None = Field(None, ge=0)  # Eisenstein et al. 2023, eq. 2
+    eval_batch_size: int = Field(32, gt=0)
+
+
+@register_stage_config
+class RewardConfig(StageConfig):
+    stage: Literal["reward"] = "reward"
+    data: DataSection = PREFERENCE_DATA
+    reward: RewardSection = RewardSection()
+
+
+class DPOSection(Section):
+    """DPO (Rafailov et al. 2023) on top of a frozen parent stack, which is the reference."""
+    parent: list[str] = ["runs/tiny/sft"]  # adapter dirs, bottom first; default: tiny_sft's output
+    mode: Literal["new", "continue"] = "new"  # continue: train a copy of the last parent
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO / rDPO label-flip rate
+    sft_weight: float = Field(0.0, ge=0)  # RPO (Pang et al. 2024): + weight * NLL of chosen
+    precompute_ref_logps: bool = False  # one reference pass before training, none during it
+    scorer: Literal["tiny"] | None = "tiny"  # ground-truth scorer for the held-out prompts
+    prompts: str | None = "tiny:prompts_eval"  # held-out prompts for score, KL and win rate
+    reward: str | None = None  # reward adapter dir: win rate of the policy over its parent
+    max_new_tokens: int = Field(16, gt=0)
+
+
+@register_stage_config
+class DPOConfig(StageConfig):
+    stage: Literal["dpo"] = "dpo"
+    data: DataSection = PREFERENCE_DATA
+    dpo: DPOSection = DPOSection()
+
+    @model_validator(mode="after")
+    def _parent_for_continue(self) -> "DPOConfig":
+        if self.dpo.mode == "continue" and not self.dpo.parent:
+            raise ValueError("dpo.mode=continue trains a copy of the last parent; dpo.parent is empty")
+        return self
+
+
 def recipe_path(recipe: str | os.PathLike) -> Path:
     """A recipe file, or the name of one shipped with the package (``tiny_sft``)."""
     path = Path(recipe)

@@ -56,3 +56,70 @@ def mean_score(model, tokenizer, prompts: list, scorer: Callable[[str, str], flo
     responses = generate(model, tokenizer, prompts, **kwargs)
     scores = [scorer(prompt_text(p), r) for p, r in zip(prompts, responses)]
     return sum(scores) / len(scores), responses
+
+
+# -- log-probs of completions, and the KL of a stack to its parent --------------------------------
+
+def split_ids(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as trl's DPOTrainer cuts them: the completion starts where
+    the rendered prompt and prompt + completion first differ."""
+    if isinstance(prompt, list):
+        turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        full = list(tokenizer.apply_chat_template(prompt + turns, tokenize=True, return_dict=True)["input_ids"])
+        head = prompt_ids(tokenizer, prompt)
+    else:
+        head = tokenizer(text=prompt)["input_ids"]
+        full = tokenizer(text=prompt + completion + tokenizer.eos_token)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+    return full[:n], full[n:]
+
+
+def completion_batches(tokenizer, prompts: list, completions: list, batch_size: int):
+    """Yields right-padded (ids, attention mask, completion mask), each (B, T)."""
+    for i in range(0, len(prompts), batch_size):
+        pairs = [split_ids(tokenizer, p, c) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+        width = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+        for j, (p, c) in enumerate(pairs):
+            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[j, :len(p) + len(c)] = 1
+            comp[j, len(p):len(p) + len(c)] = 1
+        yield ids, mask, comp
+
+
+def _token_logprobs(model, ids, mask):
+    """(B, T) -> next-token log-distributions (B, T-1, V), fp32."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 32) -> torch.Tensor:
+    """log pi(completion | prompt) summed over the completion's tokens, (N,), with the adapters
+    that are switched on now."""
+    out = []
+    for ids, mask, comp in completion_batches(tokenizer, prompts, completions, batch_size):
+        logp = _token_logprobs(model, ids, mask)                               # (B, T-1, V)
+        taken = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)                  # (B, T-1)
+        out.append((taken * comp[:, 1:]).sum(-1))                              # (B,)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_token_kl(model, tokenizer, prompts: list, responses: list, policy: list[str],
+                  reference: list[str], batch_size: int = 32) -> float:
+    """Mean over response tokens of KL(pi_policy || pi_reference), exact over the vocabulary,
+    at the positions of ``responses`` (usually the policy's own). Adapters are named lists."""
+    from adapterkit.base import use_adapters
+    total, count = 0.0, 0
+    for ids, mask, comp in completion_batches(tokenizer, prompts, responses, batch_size):
+        with use_adapters(model, policy):
+            logp = _token_logprobs(model, ids, mask)                           # (B, T-1, V)
+        with use_adapters(model, reference):
+            logq = _token_logprobs(model, ids, mask)
+        kl = (logp.exp() * (logp - logq)).sum(-1)                              # (B, T-1)
+        total += (kl * comp[:, 1:]).sum().item()
+        count += int(comp[:, 1:].sum())
+    return total / max(count, 1)

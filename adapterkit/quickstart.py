@@ -75,7 +75,46 @@ def step_sft(ctx: Context) -> None:
                                     "eval_loss": record.metrics.get("eval_loss")}
 
 
-STEPS: dict[str, Callable[[Context], None]] = {"base": step_base, "sft": step_sft}
+def step_reward(ctx: Context) -> None:
+    from adapterkit.stages.reward import train_reward
+    config = load_config("reward", "tiny_reward", ctx.overrides("reward") + [
+        f"data.train={ctx.data('preferences')}", f"data.eval={ctx.data('preferences_eval')}"])
+    record = train_reward(config)
+    ctx.summary["stages"]["reward"] = {"adapter": str(record.path), "accuracy": record.metrics["eval_accuracy"]}
+
+
+def step_dpo(ctx: Context) -> None:
+    """DPO on top of the SFT adapter (its reference); the reward model judges policy vs parent."""
+    from adapterkit.stages.dpo import train_dpo
+    stages = ctx.summary["stages"]
+    sft = stages["sft"]["adapter"]
+    reward = [f"dpo.reward={json.dumps(stages['reward']['adapter'])}"] if "reward" in stages else []
+    config = load_config("dpo", "tiny_dpo", ctx.overrides("dpo") + reward + [
+        f"data.train={ctx.data('preferences')}", f"data.eval={ctx.data('preferences_eval')}",
+        f"dpo.prompts={ctx.data('prompts_eval')}", f"dpo.parent={json.dumps([sft])}"])
+    record = train_dpo(config)
+    stages["dpo"] = {"adapter": str(record.path), "score": ctx.score([sft, str(record.path)]),
+                     "kl": record.metrics["kl"], **{k: record.metrics[k] for k in ("win_rate",)
+                                                    if k in record.metrics}}
+
+
+def step_ppo(ctx: Context) -> None:
+    """PPO on top of the SFT adapter (its reference), a sibling of DPO; the reward and value
+    adapters sit on the same 4-bit base as the policy."""
+    from adapterkit.stages.ppo import train_ppo
+    stages = ctx.summary["stages"]
+    sft = stages["sft"]["adapter"]
+    config = load_config("ppo", "tiny_ppo", ctx.overrides("ppo") + [
+        f"data.train={ctx.data('prompts')}", f"data.eval={ctx.data('prompts_eval')}",
+        f"ppo.parent={json.dumps([sft])}", f"ppo.reward={json.dumps(stages['reward']['adapter'])}"])
+    record = train_ppo(config)
+    stages["ppo"] = {"adapter": str(record.path), "score": ctx.score([sft, str(record.path)]),
+                     "kl": record.metrics["kl"]}
+
+
+STEPS: dict[str, Callable[[Context], None]] = {"base": step_base, "sft": step_sft,
+                                               "reward": step_reward, "dpo": step_dpo,
+                                               "ppo": step_ppo}
 
 
 def run_quickstart(out: str | os.PathLike = "runs/quickstart", progress: bool = True,
@@ -93,3 +132,27 @@ def run_quickstart(out: str | os.PathLike = "runs/quickstart", progress: bool = 
     ctx.summary["seconds"] = ctx.timings
     (ctx.out / "summary.json").write_text(json.dumps(ctx.summary, indent=2))
     return ctx.summary
+
+
+def step_publish(ctx: Context) -> None:
+    """Publish every adapter the run made to ``DIR/adapters``, set the ``flip`` profile to the
+    best-scoring policy's serving stack (its parents, then itself), keep the lineage tree."""
+    from adapterkit.registry import Registry, tree_lines
+    reg = Registry.open(ctx.out / "adapters")
+    policies = []
+    for stage, entry in ctx.summary["stages"].items():
+        if entry.get("adapter"):
+            published = reg.publish(entry["adapter"], name=f"tiny-{stage}", domain="flip")
+            entry["registry_ref"] = published.ref
+            if published.stage != "reward":
+                policies.append((entry.get("score") or 0.0, len(policies), published.ref))
+    ctx.summary["registry"] = str(reg.root)
+    if not policies:
+        return
+    top = max(policies)[2]  # best score; on a tie, the later stage
+    profile = reg.set_profile("flip", reg.serving_stack(top), domain="flip")
+    ctx.summary["profile"] = profile.name
+    ctx.summary["registry_tree"] = tree_lines(reg.lineage(top))
+
+
+STEPS["publish"] = step_publish  # keep last: it publishes what every step above produced

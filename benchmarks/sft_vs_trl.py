@@ -45,6 +45,13 @@ def build_base(out: Path, hidden: int, layers: int) -> None:
     tok.save_pretrained(out)
 
 
+def import_stack() -> float:
+    """Import everything either side uses, then return the RSS baseline (MiB)."""
+    import datasets, peft, torch, transformers, trl  # noqa: F401
+    import adapterkit.stages.sft  # noqa: F401
+    return rss_mb()
+
+
 def result(trainer, seconds: float, baseline: float) -> dict:
     import torch
     tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
@@ -56,9 +63,9 @@ def result(trainer, seconds: float, baseline: float) -> dict:
 
 
 def run_adapterkit(base: str, steps: int, batch: int) -> dict:
+    baseline = import_stack()
     from adapterkit.config import load_config
     from adapterkit.stages.sft import setup_sft
-    baseline = rss_mb()
     config = load_config("sft", "tiny_sft", [
         f"base.name={base}", "data.eval=null", f"train.max_steps={steps}", f"train.batch_size={batch}",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false",
@@ -70,13 +77,13 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
 
 
 def run_trl(base: str, steps: int, batch: int) -> dict:
+    baseline = import_stack()
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
     from adapterkit.tiny import ensure_tiny
-    baseline = rss_mb()
     rows = [json.loads(line) for line in open(ensure_tiny() / "data" / "sft.jsonl")]
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)

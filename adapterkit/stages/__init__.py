@@ -9,4 +9,19 @@ def _sft(config):
     return train_sft(config)
 
 
-STAGES: dict[str, Callable] = {"sft": _sft}
+def _ppo(config):
+    from adapterkit.stages.ppo import train_ppo
+    return train_ppo(config)
+
+
+def _reward(config):
+    from adapterkit.stages.reward import train_reward
+    return train_reward(config)
+
+
+def _dpo(config):
+    from adapterkit.stages.dpo import train_dpo
+    return train_dpo(config)
+
+
+STAGES: dict[str, Callable] = {"sft": _sft, "reward": _reward, "dpo": _dpo, "ppo": _ppo}

@@ -1,0 +1,200 @@
+"""PPO stage: every role on one 4-bit base, the loop raises the held-out ground-truth score
+above the SFT parent's at a bounded KL, and the policy adapter saves, reloads and resumes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import load_jsonl
+
+
+@pytest.fixture(scope="module")
+def reward_adapter(tiny_dir, tmp_path_factory):
+    """A reward adapter (LoRA + score head) from the shipped recipe."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.reward import train_reward
+    out = tmp_path_factory.mktemp("ppo-reward") / "adapter"
+    return train_reward(load_config("reward", "tiny_reward", [f"output.dir={out}", "train.progress=false"]))
+
+
+def ppo_config(sft_adapter, reward_adapter, out, *overrides):
+    from adapterkit.config import load_config
+    return load_config("ppo", "tiny_ppo", [
+        f"output.dir={out}", "train.progress=false", f"ppo.reward={reward_adapter.path}",
+        f"ppo.parent={json.dumps([str(sft_adapter.path)])}", *overrides])
+
+
+def vanilla_stack(tiny_dir, adapters: dict):
+    """base (4-bit) + named adapters, all active, loaded with plain transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from adapterkit.quant import keep_compute_dtype
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "base"), quantization_config=nf4,
+                                                 dtype=torch.float32)
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(str(path), adapter_name=name)
+    model.base_model.set_adapter(list(adapters))
+    keep_compute_dtype(model)  # the same 4-bit kernel as training (not bnb's bf16 repacking)
+    return model.eval()
+
+
+def probe(run, n: int = 8):
+    """A batch of held-out prompts with greedy responses: (ids, mask, n_resp)."""
+    from adapterkit.evaluate import prompt_ids
+    from adapterkit.stages.ppo import rollout
+    ro = rollout(run, [prompt_ids(run.tokenizer, p) for p in run.eval_prompts[:n]], do_sample=False)
+    return ro.ids, ro.mask, ro.n_resp
+
+
+@torch.no_grad()
+def role_logits(run, role, batch):
+    run.roles.use(role)
+    return run.roles.response_logits(*batch)
+
+
+# -- the main run: the shipped recipe on the session's SFT adapter ------------------------------------
+
+@pytest.fixture(scope="module")
+def ppo_run(sft_adapter, reward_adapter, tmp_path_factory):
+    from adapterkit.stages.ppo import setup
+    return setup(ppo_config(sft_adapter, reward_adapter, tmp_path_factory.mktemp("ppo") / "adapter"))
+
+
+@pytest.fixture(scope="module")
+def trained(ppo_run):
+    """Train, keep the policy's logits on a probe batch, then evaluate and save."""
+    from adapterkit.stages.ppo import cleanup, train
+    train(ppo_run)
+    batch = probe(ppo_run)
+    logits = role_logits(ppo_run, "policy", batch)
+    return cleanup(ppo_run), batch, logits
+
+
+def test_one_base_copy_with_every_role_on_it(ppo_run, tiny_dir):
+    """The memory claim, structurally: the base's parameters exist once, and every quantized
+    linear layer carries the parent, policy, reward and value adapters side by side."""
+    import bitsandbytes as bnb
+    from adapterkit.base import load_model
+    roles = ppo_run.roles
+    base = {n: p for n, p in roles.named_parameters() if "lora_" not in n and not n.startswith("value_head")}
+    fresh = load_model(ppo_run.config.base, "cpu")
+    assert sum(p.numel() for p in base.values()) == sum(p.numel() for p in fresh.parameters())
+    assert len(base) == len(list(fresh.parameters()))
+    assert len({p.data_ptr() for p in base.values()}) == len(base)  # no tensor shared or duplicated
+    quantized = [m for m in roles.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == sum(isinstance(m, bnb.nn.Linear4bit) for m in fresh.modules()) > 0
+    lora_layers = [m for m in roles.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert lora_layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora_layers)
+    for m in lora_layers:
+        assert set(m.lora_A) == {"parent0", "policy", "reward", "value"}
+    embeddings = [m for m in roles.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(embeddings) == 1
+
+
+@pytest.mark.parametrize("role", ["policy", "reference", "value"])
+def test_only_policy_and_value_weights_train(ppo_run, role):
+    ppo_run.roles.use(role)
+    trainable = [n for n, p in ppo_run.roles.named_parameters() if p.requires_grad]
+    assert trainable and all(".policy." in n or ".value." in n or n == "value_head.weight" for n in trainable)
+    assert any(".policy." in n for n in trainable) and any(".value." in n for n in trainable)
+    ppo_run.roles.use("policy")
+
+
+def test_step0_policy_is_the_parent_and_values_are_rewards(ppo_run, sft_adapter, tiny_dir):
+    """Before training: policy = reference = vanilla base + SFT; the value head is the reward's."""
+    batch = probe(ppo_run, 4)
+    policy, reference = role_logits(ppo_run, "policy", batch), role_logits(ppo_run, "reference", batch)
+    assert torch.equal(policy, reference)
+    ids, mask, n_resp = batch
+    vanilla = vanilla_stack(tiny_dir, {"sft": sft_adapter.path})
+    with torch.no_grad():
+        expected = vanilla(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
+    assert torch.allclose(reference, expected / ppo_run.config.ppo.temperature, atol=1e-4)
+    roles = ppo_run.roles
+    assert torch.equal(roles.value_head.weight, roles.scorer.head.float())
+
+
+def test_ppo_beats_its_parent_under_the_ground_truth(trained):
+    m = trained[0].metrics
+    assert m["score"] > m["parent_score"], m
+    assert 0 < m["kl"] < 1.0, m  # mean per-token KL(policy || parent) on held-out answers, nats
+    assert m["steps"] == 12
+
+
+def test_log_and_curves(trained):
+    record = trained[0]
+    log = load_jsonl(record.path / "ppo_log.jsonl")
+    assert [h["step"] for h in log] == list(range(1, 13))
+    for key in ("reward", "kl", "entropy", "value_loss", "clip_fraction", "response_length"):
+        assert all(isinstance(h[key], float) for h in log), key
+    assert log[-1]["reward"] > log[0]["reward"]
+    assert (record.path / "ppo.png").stat().st_size > 0
+
+
+def test_saved_dir_is_a_plain_policy_adapter(trained, sft_adapter, reward_adapter):
+    from safetensors.torch import load_file
+    record = trained[0]
+    keys = list(load_file(str(record.path / "adapter_model.safetensors")))
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert not any(name in k for k in keys for name in ("parent0", "policy", "value", "reward", "score"))
+    assert {p["path"] for p in record.manifest["parent"]} == {str(sft_adapter.path.resolve())}
+    assert record.manifest["reward_model"]["path"] == str(reward_adapter.path.resolve())
+    assert not list(record.path.glob("*.bin")) and not list(record.path.glob("*.pt"))
+
+
+def test_vanilla_peft_reload_reproduces_the_policy(trained, sft_adapter, tiny_dir):
+    record, (ids, mask, n_resp), logits = trained
+    model = vanilla_stack(tiny_dir, {"sft": sft_adapter.path, "ppo": record.path})
+    with torch.no_grad():
+        reloaded = model(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
+    assert torch.allclose(reloaded / record.manifest["recipe"]["ppo"]["temperature"], logits, atol=1e-4)
+
+
+# -- checkpoint and resume -----------------------------------------------------------------------
+
+def small(sft_adapter, reward_adapter, out, *overrides):
+    return ppo_config(sft_adapter, reward_adapter, out, "ppo.rollout_batch_size=8", "train.batch_size=4",
+                      "ppo.ppo_epochs=1", "data.eval=null", "ppo.adaptive_kl=true", *overrides)
+
+
+def policy_weights(run) -> dict:
+    from peft.utils import get_peft_model_state_dict
+    return {k: v.clone() for k, v in get_peft_model_state_dict(run.roles.peft, adapter_name="policy").items()}
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(sft_adapter, reward_adapter, tmp_path):
+    from adapterkit.stages.ppo import setup, train
+    ckpt = tmp_path / "ckpt"
+    first = setup(small(sft_adapter, reward_adapter, tmp_path / "a", "train.max_steps=1",
+                        "ppo.checkpoint_every=1", f"ppo.checkpoint_dir={ckpt}"))
+    train(first)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters.safetensors", "optimizer.safetensors",
+                                                      "trainer.json"]  # tensors as safetensors, no pickle
+    resumed = setup(small(sft_adapter, reward_adapter, tmp_path / "b", "train.max_steps=2",
+                          f"ppo.resume_from={ckpt}"))
+    assert resumed.step == 1 and resumed.history == first.history
+    assert resumed.kl_ctl.value == first.kl_ctl.value != resumed.config.ppo.kl_coef  # adaptive, restored
+    train(resumed)
+    straight = setup(small(sft_adapter, reward_adapter, tmp_path / "c", "train.max_steps=2"))
+    train(straight)
+    a, b = policy_weights(resumed), policy_weights(straight)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed.history[1]["reward"] == pytest.approx(straight.history[1]["reward"], abs=1e-5)
+    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value)
+
+
+# -- config --------------------------------------------------------------------------------------
+
+def test_config_needs_a_reward_and_whole_minibatches():
+    from adapterkit.config import load_config
+    from adapterkit.errors import ConfigError
+    with pytest.raises(ConfigError, match="ppo.reward: required"):
+        load_config("ppo", "tiny_ppo", ["ppo.reward=null"])
+    with pytest.raises(ConfigError, match="multiple of train.batch_size"):
+        load_config("ppo", "tiny_ppo", ["ppo.rollout_batch_size=10"])

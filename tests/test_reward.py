@@ -1,0 +1,121 @@
+"""Reward stage: learning on held-out pairs, the head in the artifact, both ways of loading it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import load_jsonl
+
+
+@pytest.fixture(scope="session")
+def reward_adapter(tiny_dir, tmp_path_factory):
+    """A reward adapter on the 4-bit tiny base, trained with the shipped recipe."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.reward import train_reward
+    out = tmp_path_factory.mktemp("reward") / "adapter"
+    return train_reward(load_config("reward", "tiny_reward", [f"output.dir={out}", "train.progress=false"]))
+
+
+@pytest.fixture(scope="module")
+def eval_pairs(tiny_dir):
+    return load_jsonl(tiny_dir / "data" / "preferences_eval.jsonl")
+
+
+@pytest.fixture(scope="module")
+def scorer(reward_adapter):
+    """The adapter reloaded from disk as a named LoRA on the causal-LM base."""
+    from adapterkit.stages.reward import RewardScorer
+    return RewardScorer.load(reward_adapter.path)
+
+
+def test_heldout_pairwise_accuracy(reward_adapter):
+    m = reward_adapter.metrics
+    assert m["eval_accuracy"] >= 0.8, m
+    assert m["eval_margin"] > 0.5, m
+
+
+def test_artifact_carries_the_head_and_only_adapter_weights(reward_adapter, sft_adapter):
+    from safetensors.torch import load_file
+    d = reward_adapter.path
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and "score" in cfg["modules_to_save"]
+    keys = list(load_file(str(d / "adapter_model.safetensors")))
+    heads = [k for k in keys if k.endswith("score.weight")]
+    assert len(heads) == 1, heads
+    assert all(".lora_" in k or k in heads for k in keys), keys
+    assert (d / "eval_scores.json").is_file() and (d / "adapterkit.json").is_file()
+    # a classifier head does not change the base's identity: reward and policy share one fingerprint
+    assert (reward_adapter.manifest["base"]["fingerprint"]["id"]
+            == sft_adapter.manifest["base"]["fingerprint"]["id"])
+
+
+def test_round_trip_scores_are_bit_identical(reward_adapter, scorer, eval_pairs):
+    saved = json.loads((reward_adapter.path / "eval_scores.json").read_text())  # the trained model's
+    chosen, rejected = scorer.score_pairs(eval_pairs)
+    assert chosen == saved["chosen"] and rejected == saved["rejected"]
+    assert len(set(chosen)) > 100  # real scores, not a constant head
+
+
+def test_vanilla_seqcls_peft_load_gives_same_scores(reward_adapter, tiny_dir, eval_pairs):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from adapterkit import quant
+    from adapterkit.stages.reward import batch_scores, conversation_ids
+    base = str(tiny_dir / "base")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)  # as the recipe trained it
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, quantization_config=nf4,
+                                                               dtype=torch.float32)
+    quant.keep_compute_dtype(model)  # bnb's CPU bf16 eval kernel off, as adapterkit loads bases
+    model = PeftModel.from_pretrained(model, str(reward_adapter.path)).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    seqs = [conversation_ids(tok, p["prompt"], p["chosen"]) for p in eval_pairs]
+    forward = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits[:, 0]  # noqa: E731
+    got = torch.tensor(batch_scores(forward, seqs, tok.pad_token_id, 7))  # other batches, other padding
+    saved = torch.tensor(json.loads((reward_adapter.path / "eval_scores.json").read_text())["chosen"])
+    torch.testing.assert_close(got, saved, atol=1e-5, rtol=0)
+
+
+def test_scorer_shares_the_policy_base(reward_adapter, sft_adapter, scorer, tiny_dir, eval_pairs):
+    """Attached beside a policy adapter, the reward scores as it does alone and leaves the
+    policy's outputs and trainable flags as they were."""
+    from adapterkit.base import activate, load_adapters, load_base
+    from adapterkit.config import BaseSection
+    from adapterkit.evaluate import prompt_ids
+    from adapterkit.stages.reward import RewardScorer
+    model, tok = load_base(BaseSection(name=str(tiny_dir / "base")))
+    model, names = load_adapters(model, [sft_adapter.path], ["policy"])
+    activate(model, names, trainable=names)
+    ids = torch.tensor([prompt_ids(tok, eval_pairs[0]["prompt"])])
+    before = model(input_ids=ids).logits
+    shared = RewardScorer.attach(model, tok, reward_adapter.path)
+    rows = eval_pairs[:16]
+    assert shared.score_pairs(rows) == scorer.score_pairs(rows)
+    activate(model, names, trainable=names)
+    assert torch.equal(model(input_ids=ids).logits, before)
+    assert all(p.requires_grad == (".policy." in n) for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_score_cli(reward_adapter, tiny_dir, capsys):
+    from adapterkit.cli import main
+    data = tiny_dir / "data" / "preferences_eval.jsonl"
+    assert main(["score", "--reward", str(reward_adapter.path), str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "preference" and len(out["chosen"]) == 128
+    assert out["accuracy"] == pytest.approx(reward_adapter.metrics["eval_accuracy"])
+
+
+def test_bad_pair_is_refused_before_training(tiny_dir, tmp_path):
+    from adapterkit.config import load_config
+    from adapterkit.errors import DataError
+    from adapterkit.stages.reward import train_reward
+    rows = load_jsonl(tiny_dir / "data" / "preferences_eval.jsonl")[:3]
+    rows[1]["rejected"] = [{"role": "user", "content": "oops"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "never"
+    with pytest.raises(DataError, match=r"bad.jsonl, row 2, field 'rejected\[0\]\.role'"):
+        train_reward(load_config("reward", "tiny_reward", [f"data.train={bad}", f"output.dir={out}"]))
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
