@@ -65,6 +65,10 @@ def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
                              bnb_4bit_compute_dtype=torch.float32)
     plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "base", quantization_config=bnb, device_map={"": "cpu"})
     plain = PeftModel.from_pretrained(plain, str(sft_adapter.path))
+    # bitsandbytes 0.50 on AVX512-BF16 CPUs switches eval to a bf16 kernel (~3e-2 off);
+    # compare the same 4-bit kernel that adapterkit trains and evaluates with.
+    from adapterkit.quant import keep_compute_dtype
+    keep_compute_dtype(plain)
     ids = AutoTokenizer.from_pretrained(tiny_dir / "base").apply_chat_template(
         [{"role": "user", "content": "flip: hot up big"}], add_generation_prompt=True, return_tensors="pt",
         return_dict=True)["input_ids"]
