@@ -170,6 +170,7 @@ class DPORun:
 
 def setup_dpo(config: DPOConfig) -> DPORun:
     """Base, frozen parents, the policy adapter, data and trainer; nothing trained yet."""
+    from transformers import set_seed
     from trl import DPOConfig as TrlDPOConfig
     model, tokenizer = load_base(config.base)
     check_chat_contract(tokenizer, config.base.name)
@@ -182,6 +183,7 @@ def setup_dpo(config: DPOConfig) -> DPORun:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    set_seed(config.train.seed)  # the new adapter's A starts random: the same random every run
     model, stack = build_stack(config, model, manifest["base"]["fingerprint"])
     manifest["parent"] = stack.parents
     d = config.dpo

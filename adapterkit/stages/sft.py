@@ -63,6 +63,7 @@ class SFTRun:
 def setup_sft(config: SFTConfig) -> SFTRun:
     """Base (quantized), tokenizer, validated data, LoRA and trainer; nothing trained yet."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
     from trl import SFTConfig as TrlSFTConfig, SFTTrainer
 
     model, tokenizer = load_base(config.base)
@@ -72,6 +73,7 @@ def setup_sft(config: SFTConfig) -> SFTRun:
     if config.base.quantization != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    set_seed(config.train.seed)  # LoRA's A starts random: the same random every run
     model = get_peft_model(model, lora_config(config))
     scratch = run_dir()
     args = TrlSFTConfig(
