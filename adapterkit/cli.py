@@ -147,6 +147,9 @@ def _recipes_args(p):
 def _run_quickstart(args) -> None:
     from adapterkit.quickstart import run_quickstart
     console = _console()
+    if args.quiet:  # also transformers' "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     summary = run_quickstart(args.out, progress=not args.quiet,
                              on_step=None if args.json else lambda s: console.rule(f"step: {s}"))
     if args.json:

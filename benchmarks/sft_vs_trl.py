@@ -12,37 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_base, memory_report, ratios, rss_mb, run_side  # noqa: E402
+
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-
-
-def rss_mb() -> float:
-    """Current resident set size (Linux /proc), in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def build_base(out: Path, hidden: int, layers: int) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from adapterkit.tiny import ensure_tiny
-    tok = AutoTokenizer.from_pretrained(ensure_tiny() / "base")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                         num_key_value_heads=max(1, hidden // 128), pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 def import_stack() -> float:
@@ -53,13 +31,8 @@ def import_stack() -> float:
 
 
 def result(trainer, seconds: float, baseline: float) -> dict:
-    import torch
     tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
-    out = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-           "peak_rss_mb": peak_rss_mb(), "peak_rss_above_baseline_mb": peak_rss_mb() - baseline}
-    if torch.cuda.is_available():
-        out["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, **memory_report(baseline)}
 
 
 def run_adapterkit(base: str, steps: int, batch: int) -> dict:
@@ -117,17 +90,12 @@ def main() -> None:
         print(json.dumps(SIDES[args.side](args.base, args.steps, args.batch)))
         return
     base = Path(tempfile.mkdtemp()) / "base"
-    build_base(base, args.hidden, args.layers)
-    report = {"model": {"hidden": args.hidden, "layers": args.layers}, "steps": args.steps, "batch": args.batch}
+    report = {"model": build_base(base, args.hidden, args.layers), "steps": args.steps, "batch": args.batch}
     for side in SIDES:
-        proc = subprocess.run([sys.executable, __file__, "--side", side, "--base", str(base),
-                               "--steps", str(args.steps), "--batch", str(args.batch)],
-                              capture_output=True, text=True, check=True)
-        report[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ours, peer = report["adapterkit"], report["trl"]
-    report["ratios_adapterkit_over_trl"] = {
-        k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb",
-                                       "peak_allocated_mb") if k in ours and k in peer}
+        report[side] = run_side(__file__, sys.executable, ["--side", side, "--base", str(base),
+                                                           "--steps", str(args.steps), "--batch", str(args.batch)])
+    report["ratios_adapterkit_over_trl"] = ratios(report["adapterkit"], report["trl"], (
+        "tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"))
     print(json.dumps(report, indent=2))
 
 

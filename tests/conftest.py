@@ -45,6 +45,15 @@ def sft_adapter(tiny_dir, tmp_path_factory):
     return train_sft(config)
 
 
+@pytest.fixture(scope="session")
+def reward_adapter(tiny_dir, tmp_path_factory):
+    """A reward adapter (LoRA + score head) on the 4-bit tiny base, from the shipped recipe."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.reward import train_reward
+    out = tmp_path_factory.mktemp("reward") / "adapter"
+    return train_reward(load_config("reward", "tiny_reward", [f"output.dir={out}", "train.progress=false"]))
+
+
 def load_jsonl(path):
     import json
     with open(path) as f:

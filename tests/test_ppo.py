@@ -10,15 +10,6 @@ import torch
 from conftest import load_jsonl
 
 
-@pytest.fixture(scope="module")
-def reward_adapter(tiny_dir, tmp_path_factory):
-    """A reward adapter (LoRA + score head) from the shipped recipe."""
-    from adapterkit.config import load_config
-    from adapterkit.stages.reward import train_reward
-    out = tmp_path_factory.mktemp("ppo-reward") / "adapter"
-    return train_reward(load_config("reward", "tiny_reward", [f"output.dir={out}", "train.progress=false"]))
-
-
 def ppo_config(sft_adapter, reward_adapter, out, *overrides):
     from adapterkit.config import load_config
     return load_config("ppo", "tiny_ppo", [

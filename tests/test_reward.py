@@ -9,15 +9,6 @@ import torch
 from conftest import load_jsonl
 
 
-@pytest.fixture(scope="session")
-def reward_adapter(tiny_dir, tmp_path_factory):
-    """A reward adapter on the 4-bit tiny base, trained with the shipped recipe."""
-    from adapterkit.config import load_config
-    from adapterkit.stages.reward import train_reward
-    out = tmp_path_factory.mktemp("reward") / "adapter"
-    return train_reward(load_config("reward", "tiny_reward", [f"output.dir={out}", "train.progress=false"]))
-
-
 @pytest.fixture(scope="module")
 def eval_pairs(tiny_dir):
     return load_jsonl(tiny_dir / "data" / "preferences_eval.jsonl")

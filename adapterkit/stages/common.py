@@ -49,6 +49,14 @@ def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:
     )
 
 
+def quiet_trainer(trainer, config: StageConfig) -> None:
+    """Without progress bars, transformers prints every log dict instead; the run's metrics
+    and curves are in the artifact, so ``train.progress=false`` means a silent trainer."""
+    from transformers import PrinterCallback
+    if not config.train.progress:
+        trainer.remove_callback(PrinterCallback)
+
+
 def keep_adapter_dtype(model, compute_dtype: str) -> None:
     """trl casts LoRA weights to bf16 on quantized bases (QLoRA's recipe on GPU). In an fp32
     run that loses small updates, so the trainable weights follow ``base.compute_dtype``."""

@@ -30,7 +30,7 @@ from adapterkit.config import DPOConfig
 from adapterkit.data import check_chat_contract, load_data
 from adapterkit.evaluate import completion_logps, generate, mean_token_kl, prompt_text
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype,
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype, quiet_trainer,
                                       run_dir, save_stage_artifact, trainer_kwargs)
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
@@ -193,6 +193,7 @@ def setup_dpo(config: DPOConfig) -> DPORun:
     trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train_ds,
                                processing_class=tokenizer)
     restore_adapters(trainer.model, saved, stack)
+    quiet_trainer(trainer, config)
     keep_adapter_dtype(trainer.model, config.base.compute_dtype)  # ``default`` follows compute_dtype
     trainer.reference = stack.reference
     if d.precompute_ref_logps:

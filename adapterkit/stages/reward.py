@@ -30,7 +30,7 @@ from adapterkit.config import BaseSection, RewardConfig
 from adapterkit.data import check_chat_contract, load_data
 from adapterkit.errors import DataError
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype,
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype, quiet_trainer,
                                       run_dir, save_stage_artifact, trainer_kwargs)
 
 HEAD = "score"  # transformers' name for the sequence-classification head
@@ -231,6 +231,7 @@ def train_reward(config: RewardConfig) -> AdapterRecord:
     args = TrlRewardConfig(**trainer_kwargs(config, scratch), max_length=None,
                            center_rewards_coefficient=config.reward.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+    quiet_trainer(trainer, config)
     keep_adapter_dtype(trainer.model, config.base.compute_dtype)  # trl made them bf16
     result = trainer.train()
     history = trainer.state.log_history

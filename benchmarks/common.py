@@ -1,0 +1,74 @@
+"""What the benchmark scripts share: a Llama base built from config, memory probes, and
+running each side in its own process (so each peak is its own).
+
+Not a test and not part of the package; the scripts put this folder on ``sys.path``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_report(baseline_mb: float) -> dict:
+    """Peak RSS, peak RSS above the post-import baseline, and peak CUDA allocated when present."""
+    import torch
+    out = {"peak_rss_mb": peak_rss_mb(), "peak_rss_above_baseline_mb": peak_rss_mb() - baseline_mb,
+           "baseline_rss_mb": baseline_mb}
+    if torch.cuda.is_available():
+        out["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def llama_config(vocab_size: int, hidden: int, layers: int, tokenizer):
+    """A Llama of the given width and depth: MLP 8/3 x hidden, heads of 64, 4 query heads per KV head."""
+    from transformers import LlamaConfig
+    heads = max(1, hidden // 64)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=max(1, heads // 4), max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+
+
+def build_base(out: Path, hidden: int, layers: int) -> dict:
+    """A randomly initialised Llama with the tiny task's tokenizer and chat template, saved in
+    bf16 safetensors (random weights cost the same compute as trained ones). Returns its size."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from adapterkit.tiny import ensure_tiny
+    tok = AutoTokenizer.from_pretrained(ensure_tiny() / "base")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(len(tok), hidden, layers, tok)).to(torch.bfloat16)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return {"hidden": hidden, "layers": layers, "parameters": model.num_parameters()}
+
+
+def run_side(script: str, python: str, args: list[str]) -> dict:
+    """Run ``python script --side ... args`` and return the JSON its last stdout line holds."""
+    proc = subprocess.run([python, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{' '.join(args[:2])}: exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratios(ours: dict, peer: dict, keys: tuple[str, ...]) -> dict:
+    """ours / peer for every key both sides report."""
+    return {k: ours[k] / peer[k] for k in keys if k in ours and k in peer and peer[k]}
