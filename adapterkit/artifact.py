@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from adapterkit.errors import AdapterkitError, IntegrityError
 
@@ -78,22 +79,35 @@ Base fingerprint `{manifest["base"]["fingerprint"]["id"]}`, trained with quantiz
 def write_artifact(out_dir: str | os.PathLike, write_files: Callable[[Path], None],
                    manifest: dict) -> Path:
     """Call ``write_files(tmp)``, then add manifest + card and move the folder into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         write_files(tmp)
         manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "libraries": library_versions()}
         (tmp / "README.md").write_text(model_card(manifest))
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
-                             if p.is_file() and p.name != MANIFEST}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        seal(tmp, manifest)
+    return Path(out_dir)
+
+
+def seal(folder: Path, manifest: dict) -> None:
+    """Write ``manifest`` with the sha256 of every other file in ``folder``."""
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+                         if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to fill: moved onto ``out`` when the block ends, removed
+    if it raises, so ``out`` is always the old folder or the whole new one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def replace_dir(src: Path, dst: Path) -> None:

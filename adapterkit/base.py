@@ -51,6 +51,22 @@ def load_tokenizer(section: BaseSection):
     return tok
 
 
+def release_freed_memory(device) -> None:
+    """On CPU, collect garbage and hand freed heap pages back to the OS. A 4-bit forward
+    dequantizes every layer into short-lived buffers that glibc keeps after they are freed, so
+    without this the RSS of CPU training creeps up step after step (PPO on a 300M model: +620 MB
+    over 6 steps; with it, flat after the first)."""
+    if torch.device(device).type != "cpu":
+        return
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+        pass
+
+
 def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
     """The base causal LM, quantized as the section says, on CUDA when present.
 
@@ -66,6 +82,7 @@ def load_model(section: BaseSection, device: str | None = None, num_labels: int 
         trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)
+    release_freed_memory(device)  # the full-precision tensors read while quantizing
     return model
 
 
@@ -169,6 +186,22 @@ def use_adapters(model, active: list[str]):
         model.base_model.set_adapter(previous)
         for name, p in model.named_parameters():
             p.requires_grad = grads[name]
+
+
+def save_adapter(model, name: str, out: Path) -> None:
+    """Only adapter ``name``'s files, in PEFT's root layout (peft saves an adapter not named
+    ``default`` in a sub-folder), into the existing folder ``out``."""
+    import shutil
+    import tempfile
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+    try:
+        model.save_pretrained(str(scratch), selected_adapters=[name], safe_serialization=True)
+        inner = scratch / name if (scratch / name).is_dir() else scratch
+        for f in inner.iterdir():
+            if f.name != "README.md":  # peft's stub card; the artifact writes its own
+                shutil.move(str(f), out / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def resolve_adapter(ref: str | Path, registry: str | Path | None = None) -> Path:

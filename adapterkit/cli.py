@@ -47,11 +47,11 @@ def _add_recipe(p) -> None:
 
 def _train(stage: str, args) -> None:
     from adapterkit.config import load_config
-    from adapterkit.stages import STAGES
+    from adapterkit.stages import train_stage
     flags = {"output.publish": args.publish, "output.domain": args.domain, "output.registry": args.registry}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     config = load_config(stage, args.recipe, overrides)
-    record = STAGES[stage](config)
+    record = train_stage(stage, config)
     if args.json:
         _print_json({"adapter": str(record.path), "metrics": record.metrics})
     else:

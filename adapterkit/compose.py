@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -23,8 +21,8 @@ from typing import Callable
 import torch
 
 from adapterkit import quant
-from adapterkit.artifact import MANIFEST, replace_dir, sha256_file, write_artifact
-from adapterkit.base import load_adapters, load_model, load_tokenizer, fingerprint, resolve_base
+from adapterkit.artifact import atomic_dir, seal, write_artifact
+from adapterkit.base import fingerprint, load_adapters, load_model, load_tokenizer, resolve_base, save_adapter
 from adapterkit.config import BaseSection
 from adapterkit.data import template_hash
 from adapterkit.errors import AdapterkitError, CompatibilityError
@@ -373,14 +371,7 @@ def save_merged(loaded: Loaded, report: MergeReport, out: str | Path, name: str,
                 domain: str | None = None) -> Path:
     """The merged adapter as a normal adapterkit artifact (PEFT files + manifest + card)."""
     def write(tmp: Path) -> None:
-        scratch = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=".merge-"))
-        try:
-            loaded.model.save_pretrained(str(scratch), selected_adapters=[report.adapter])
-            inner = scratch / report.adapter if (scratch / report.adapter).is_dir() else scratch
-            for f in inner.iterdir():  # peft saves a non-default adapter in a sub-folder
-                shutil.move(str(f), tmp / f.name)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        save_adapter(loaded.model, report.adapter, tmp)
 
     path = write_artifact(out, write, merged_manifest(loaded, report, name, domain))
     report.out = str(path)
@@ -438,21 +429,12 @@ def export_loaded(loaded: Loaded, out: str | Path, dtype: str = "float32",
     dense = dense_copy(loaded, quant.DTYPES[dtype])
     gap = logit_gap(stacked, prompt_logits(dense, loaded.tokenizer, prompts))
     report = ExportReport(str(Path(out).resolve()), dtype, prompts=len(prompts), **gap)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         dense.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        manifest = {"kind": "export", "dtype": dtype, "base": loaded.entries[0].manifest.get("base"),
-                    "sources": [{"ref": e.ref, "sha256": e.weights_sha256} for e in loaded.entries],
-                    "report": report.to_dict(),
-                    "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        seal(tmp, {"kind": "export", "dtype": dtype, "base": loaded.entries[0].manifest.get("base"),
+                   "sources": [{"ref": e.ref, "sha256": e.weights_sha256} for e in loaded.entries],
+                   "report": report.to_dict()})
     return report
 
 

@@ -16,11 +16,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from adapterkit.artifact import atomic_dir
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
          ("light", "dark"), ("open", "closed"), ("new", "old"), ("high", "low"),
@@ -224,9 +225,7 @@ def build_tiny(out: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         torch.manual_seed(spec.seed)
         texts = pretraining_text(random.Random(spec.seed), 4000)
         data = make_task_data(spec)
@@ -252,12 +251,6 @@ def build_tiny(out: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
         meta = {"spec": asdict(spec), "key": spec.key(), "pretrain_loss_first": losses[0],
                 "pretrain_loss_last": losses[-1], "n_parameters": model.num_parameters()}
         (tmp / "tiny.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -278,12 +271,8 @@ def ensure_tiny(out: str | os.PathLike | None = None, refresh: bool = False) -> 
         return home
     out = Path(out)
     if not (out / "tiny.json").is_file() or refresh:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        shutil.copytree(home, tmp, dirs_exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            shutil.copytree(home, tmp, dirs_exist_ok=True)
     return out
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -31,6 +33,41 @@ def memory_report(baseline_mb: float) -> dict:
     if torch.cuda.is_available():
         out["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_nf4(base: str, num_labels: int | None = None):
+    """The base as a peer loads it: 4-bit NF4, double quantization, fp32 compute; a causal LM,
+    or a sequence classifier with ``num_labels``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    auto, extra = (AutoModelForCausalLM, {}) if num_labels is None else (
+        AutoModelForSequenceClassification, {"num_labels": num_labels})
+    return auto.from_pretrained(base, quantization_config=nf4, dtype=torch.float32, device_map={"": device()},
+                                **extra)
+
+
+def step_times(stamps: list[float]) -> dict:
+    """Seconds of each step from clock readings taken before the first step and after each;
+    the median leaves out the first step (warm-up)."""
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"seconds_per_step": statistics.median(times[1:] or times), "step_seconds": times}
+
+
+def clock(stamps: list[float]):
+    """A transformers TrainerCallback that appends the time to ``stamps`` after each step."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+    return Clock()
 
 
 def llama_config(vocab_size: int, hidden: int, layers: int, tokenizer):
@@ -69,6 +106,11 @@ def run_side(script: str, python: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ratios(ours: dict, peer: dict, keys: tuple[str, ...]) -> dict:
-    """ours / peer for every key both sides report."""
-    return {k: ours[k] / peer[k] for k in keys if k in ours and k in peer and peer[k]}
+def finish(report: dict, keys: tuple[str, ...], out: str | None = None) -> None:
+    """Add adapterkit / peer for every key both sides report; print the report (and save it)."""
+    ours, peer = report["adapterkit"], report["trl"]
+    report["ratios_adapterkit_over_trl"] = {k: ours[k] / peer[k] for k in keys if k in ours and k in peer}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

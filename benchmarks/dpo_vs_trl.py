@@ -10,7 +10,8 @@ adapter on the bare base (``dpo.parent=[]``), its reference being the same model
 adapter off; trl gets a second 4-bit copy of the base as ``ref_model``, as a user does who
 wants the reference kept apart. Each side runs in its own process, so each peak is its own:
 peak RSS and peak RSS above the process's baseline after imports on CPU, peak allocated on
-CUDA. Prints a JSON report with the ratios adapterkit / trl.
+CUDA; seconds per step is the median over the steps after the first. Prints a JSON report
+with the ratios adapterkit / trl.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_base, memory_report, ratios, rss_mb, run_side  # noqa: E402
+from common import (build_base, clock, device, finish, load_nf4, memory_report, rss_mb, run_side,  # noqa: E402
+                    step_times)
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 BETA, LR, MAX_LENGTH = 0.1, 1e-4, 64
@@ -35,6 +37,13 @@ def import_stack() -> float:
     return rss_mb()
 
 
+def timed_train(trainer) -> dict:
+    stamps = [time.perf_counter()]
+    trainer.add_callback(clock(stamps))
+    trainer.train()
+    return step_times(stamps)
+
+
 def run_adapterkit(base: str, steps: int, batch: int) -> dict:
     baseline = import_stack()
     from adapterkit.config import load_config
@@ -45,38 +54,26 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
         f"train.batch_size={batch}", f"train.learning_rate={LR}", f"lora.r={LORA['r']}",
         f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false", f"output.dir={tempfile.mkdtemp()}"])
     run = setup_dpo(config)
-    start = time.perf_counter()
-    run.trainer.train()
-    return {"seconds_per_step": (time.perf_counter() - start) / steps, **memory_report(baseline)}
+    return {**timed_train(run.trainer), **memory_report(baseline)}
 
 
 def run_trl(base: str, steps: int, batch: int) -> dict:
     baseline = import_stack()
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     from adapterkit.tiny import ensure_tiny
     rows = [json.loads(line) for line in open(ensure_tiny() / "data" / "preferences.jsonl")]
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def load():
-        return AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4, dtype=torch.float32,
-                                                    device_map={"": device})
-    policy, reference = load(), load()
+    policy, reference = load_nf4(base), load_nf4(base)
     args = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
                      learning_rate=LR, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
                      logging_steps=steps, report_to="none", save_strategy="no", disable_tqdm=True,
-                     use_cpu=device == "cpu", gradient_checkpointing=False)
+                     use_cpu=device() == "cpu", gradient_checkpointing=False, bf16=False)  # fp32 compute, as ours
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(base),
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
-    start = time.perf_counter()
-    trainer.train()
-    return {"seconds_per_step": (time.perf_counter() - start) / steps, **memory_report(baseline)}
+    return {**timed_train(trainer), **memory_report(baseline)}
 
 
 SIDES = {"adapterkit": run_adapterkit, "trl": run_trl}
@@ -87,6 +84,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", help="also write the report to this JSON file")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -102,10 +100,8 @@ def main() -> None:
     for side in SIDES:
         report[side] = run_side(__file__, sys.executable, ["--side", side, "--base", str(base),
                                                            "--steps", str(args.steps), "--batch", str(args.batch)])
-    report["ratios_adapterkit_over_trl"] = ratios(report["adapterkit"], report["trl"], (
-        "seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"))
-    print(json.dumps(report, indent=2))
-
+    finish(report, ("seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"),
+           args.out)
 
 if __name__ == "__main__":
     main()

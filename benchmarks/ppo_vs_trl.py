@@ -5,7 +5,7 @@ step, same model and settings, in one run.
     python3 -m venv .venv-trl112 && .venv-trl112/bin/pip install torch==2.13.0 && \\
         .venv-trl112/bin/pip install trl==1.12.0 transformers==5.24.0 peft==0.21.2 \\
         bitsandbytes==0.50.2 accelerate==1.15.0 datasets==5.2.0
-    python benchmarks/ppo_vs_trl.py [--hidden 1024 --layers 28 --steps 4] [--peer-python .venv-trl112/bin/python]
+    python benchmarks/ppo_vs_trl.py [--hidden 1024 --layers 28 --steps 5] [--peer-python .venv-trl112/bin/python]
 
 The base is a Llama built from config (random weights, the tiny task's tokenizer; the default
 has about 310M parameters) and every model on either side is that base in 4-bit NF4 with fp32
@@ -24,7 +24,8 @@ Same prompts (the tiny task's), rollout batch, minibatch (micro-batch x accumula
 epochs, sampling (temperature 1, no top-k/top-p), response length, KL coefficient, learning
 rate and clip ranges. Each side runs in its own process: on CPU it reports the peak RSS and the
 peak RSS above its baseline after imports; on CUDA the peak allocated. Seconds per step is the
-wall time of the training loop over ``--steps`` PPO steps (rollout, scoring, update). Prints a
+median wall time of a PPO step (rollout, scoring, update) over ``--steps`` steps, the first
+left out as warm-up. Prints a
 JSON report with the ratios adapterkit / trl.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_base, memory_report, ratios, rss_mb, run_side  # noqa: E402
+from common import (build_base, clock, device, finish, load_nf4, memory_report, rss_mb, run_side,  # noqa: E402
+                    step_times)
 
 SETTINGS = dict(rollout=8, micro_batch=4, grad_accum=2, ppo_epochs=1, response_length=16,
                 temperature=1.0, kl_coef=0.05, learning_rate=1e-5, clip_range=0.2, clip_range_value=0.2,
@@ -46,24 +48,9 @@ SETTINGS = dict(rollout=8, micro_batch=4, grad_accum=2, ppo_epochs=1, response_l
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
-def nf4():
-    import torch
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
-
-
-def device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def reward_classifier(base: str):
     """The base as a 4-bit, 1-label sequence classifier (trl's reward and value models)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=1, quantization_config=nf4(), dtype=torch.float32, device_map={"": device()})
+    model = load_nf4(base, num_labels=1)
     model.config.pad_token_id = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
     return model
 
@@ -90,7 +77,7 @@ def run_adapterkit(base: str, reward: str, prompts: str, steps: int) -> dict:
     import adapterkit.stages.ppo, adapterkit.stages.reward  # noqa: F401, E401
     baseline = import_stack()
     from adapterkit.config import load_config
-    from adapterkit.stages.ppo import setup, train
+    from adapterkit.stages.ppo import setup, train_step
     s = SETTINGS
     config = load_config("ppo", "tiny_ppo", [
         f"base.name={base}", "ppo.parent=[]", f"ppo.reward={reward}", "ppo.value_init=reward",
@@ -104,17 +91,18 @@ def run_adapterkit(base: str, reward: str, prompts: str, steps: int) -> dict:
         "ppo.whiten_rewards=false", "train.gradient_checkpointing=false", "train.progress=false",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", f"output.dir={tempfile.mkdtemp()}"])
     run = setup(config)
-    start = time.perf_counter()
-    train(run)
-    return {"seconds_per_step": (time.perf_counter() - start) / steps, **memory_report(baseline)}
+    stamps = [time.perf_counter()]
+    while run.step < run.total_steps:
+        train_step(run)
+        stamps.append(time.perf_counter())
+    return {**step_times(stamps), **memory_report(baseline)}
 
 
 def run_trl(base: str, reward: str, prompts: str, steps: int) -> dict:
-    import torch
     import trl
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     baseline = import_stack()
     s = SETTINGS
@@ -123,8 +111,7 @@ def run_trl(base: str, reward: str, prompts: str, steps: int) -> dict:
     ids = [list(tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
            for p in rows]
     data = Dataset.from_list([{"input_ids": i} for i in ids])
-    policy = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4(), dtype=torch.float32,
-                                                  device_map={"": device()})
+    policy = load_nf4(base)
     reward_model = PeftModel.from_pretrained(reward_classifier(base), reward)
     value_model = PeftModel.from_pretrained(reward_classifier(base), reward, is_trainable=True)
     args = PPOConfig(
@@ -139,10 +126,10 @@ def run_trl(base: str, reward: str, prompts: str, steps: int) -> dict:
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward_model,
                          value_model=value_model, train_dataset=data, eval_dataset=data.select(range(8)),
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
-    start = time.perf_counter()
+    stamps = [time.perf_counter()]
+    trainer.add_callback(clock(stamps))
     trainer.train()
-    return {"seconds_per_step": (time.perf_counter() - start) / steps, "trl": trl.__version__,
-            **memory_report(baseline)}
+    return {**step_times(stamps), "trl": trl.__version__, **memory_report(baseline)}
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -151,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peer-python", default=str(Path(__file__).resolve().parents[1] / ".venv-trl112/bin/python"),
                         help="python of an environment with trl 1.12.0 (see above)")
     parser.add_argument("--out", help="also write the report to this JSON file")
@@ -180,13 +167,8 @@ def main() -> None:
     run_side(__file__, sys.executable, ["--side", "prepare", *common])
     report["adapterkit"] = run_side(__file__, sys.executable, ["--side", "adapterkit", *common])
     report["trl"] = run_side(__file__, args.peer_python, ["--side", "trl", *common])
-    report["ratios_adapterkit_over_trl"] = ratios(report["adapterkit"], report["trl"], (
-        "seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-
+    finish(report, ("seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"),
+           args.out)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_base, memory_report, ratios, rss_mb, run_side  # noqa: E402
+from common import build_base, device, finish, load_nf4, memory_report, rss_mb, run_side  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
@@ -51,21 +51,17 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
 
 def run_trl(base: str, steps: int, batch: int) -> dict:
     baseline = import_stack()
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
     from adapterkit.tiny import ensure_tiny
     rows = [json.loads(line) for line in open(ensure_tiny() / "data" / "sft.jsonl")]
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map={"": device})
+    model = load_nf4(base)
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
                      learning_rate=3e-3, logging_steps=10, report_to="none", save_strategy="no",
                      max_length=64, assistant_only_loss=True, disable_tqdm=True,
-                     use_cpu=device == "cpu", gradient_checkpointing=False)
+                     use_cpu=device() == "cpu", gradient_checkpointing=False, bf16=False)  # fp32 compute, as ours
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(base),
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
@@ -94,10 +90,7 @@ def main() -> None:
     for side in SIDES:
         report[side] = run_side(__file__, sys.executable, ["--side", side, "--base", str(base),
                                                            "--steps", str(args.steps), "--batch", str(args.batch)])
-    report["ratios_adapterkit_over_trl"] = ratios(report["adapterkit"], report["trl"], (
-        "tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"))
-    print(json.dumps(report, indent=2))
-
+    finish(report, ("tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"))
 
 if __name__ == "__main__":
     main()

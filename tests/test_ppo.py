@@ -111,9 +111,25 @@ def test_step0_policy_is_the_parent_and_values_are_rewards(ppo_run, sft_adapter,
     assert torch.equal(roles.value_head.weight, roles.scorer.head.float())
 
 
+def test_sampled_logprobs_are_those_of_a_training_forward(ppo_run):
+    """PPO's old log-probs and entropy come from the sampling steps, not a second forward:
+    they must equal what the policy's training-mode forward gives for the same tokens."""
+    from adapterkit.evaluate import prompt_ids
+    from adapterkit.losses import entropy_from_logits
+    from adapterkit.stages.ppo import gather_logprobs, rollout
+    torch.manual_seed(0)
+    ro = rollout(ppo_run, [prompt_ids(ppo_run.tokenizer, p) for p in ppo_run.eval_prompts[:8]])
+    logits = role_logits(ppo_run, "policy", (ro.ids, ro.mask, ro.n_resp))      # (B, R, V)
+    sampled = ro.response_mask.bool()
+    assert sampled.sum() > 8 and ro.logprobs.shape == ro.entropy.shape == sampled.shape
+    expected = gather_logprobs(logits, ro.ids[:, -ro.n_resp:])
+    assert torch.allclose(ro.logprobs[sampled], expected[sampled], atol=1e-4)
+    assert torch.allclose(ro.entropy[sampled], entropy_from_logits(logits)[sampled], atol=1e-4)
+
+
 def test_ppo_beats_its_parent_under_the_ground_truth(trained):
     m = trained[0].metrics
-    assert m["score"] > m["parent_score"], m
+    assert m["score"] > m["parent_score"] + 0.05, m  # seeds 0-3 on one CPU: +0.10 to +0.21
     assert 0 < m["kl"] < 1.0, m  # mean per-token KL(policy || parent) on held-out answers, nats
     assert m["steps"] == 12
 

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -83,7 +82,7 @@ def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
 
 def test_sft_beats_the_base_on_held_out_prompts(sft_adapter, tiny_dir):
     from adapterkit import tiny
-    from adapterkit.base import activate, load_adapters, load_base
+    from adapterkit.base import load_adapters, load_base
     from adapterkit.evaluate import mean_score
     from conftest import load_jsonl
     config = load_config("sft", sft_adapter.path / "config.yaml")

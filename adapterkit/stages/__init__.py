@@ -1,27 +1,16 @@
-"""One file per stage; ``STAGES`` maps a stage name to its ``train_<stage>(config)``."""
+"""One file per stage, each with one entry point ``train_<stage>(config) -> AdapterRecord``.
+
+A stage module imports trl, peft and datasets, so it is imported only when its stage runs.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from importlib import import_module
+
+STAGES = ("sft", "reward", "dpo", "ppo")
 
 
-def _sft(config):
-    from adapterkit.stages.sft import train_sft
-    return train_sft(config)
-
-
-def _ppo(config):
-    from adapterkit.stages.ppo import train_ppo
-    return train_ppo(config)
-
-
-def _reward(config):
-    from adapterkit.stages.reward import train_reward
-    return train_reward(config)
-
-
-def _dpo(config):
-    from adapterkit.stages.dpo import train_dpo
-    return train_dpo(config)
-
-
-STAGES: dict[str, Callable] = {"sft": _sft, "reward": _reward, "dpo": _dpo, "ppo": _ppo}
+def train_stage(stage: str, config):
+    """Run ``adapterkit.stages.<stage>.train_<stage>(config)``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return getattr(import_module(f"adapterkit.stages.{stage}"), f"train_{stage}")(config)

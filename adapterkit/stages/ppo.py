@@ -21,16 +21,15 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adapterkit import losses, tiny
-from adapterkit.artifact import replace_dir
-from adapterkit.base import load_model, load_parent_stack, load_tokenizer, parent_entry
+from adapterkit.artifact import atomic_dir
+from adapterkit.base import (load_model, load_parent_stack, load_tokenizer, parent_entry, release_freed_memory,
+                             save_adapter)
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
@@ -204,27 +203,61 @@ class Rollout:
     mask: torch.Tensor           # (B, L) attention mask
     response_mask: torch.Tensor  # (B, R) 1.0 up to and including the first EOS
     n_resp: int                  # R
+    logprobs: torch.Tensor       # (B, R) log pi_old(token), as sampled
+    entropy: torch.Tensor        # (B, R) entropy of pi_old at each response position
+
+
+class SampledLogprobs:
+    """A logits processor that records log pi(token) and the entropy of pi at every sampling
+    step, so PPO's old log-probs need no second forward pass. generate calls it before its
+    temperature warper, so it applies the temperature itself; it keeps one step's (B, V)
+    log-probs at a time (not the whole (B, R, V) history) and reads each step's sampled token
+    from the next call's ``input_ids``."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.pending = temperature, None
+        self.logprobs: list[torch.Tensor] = []  # R of (B,)
+        self.entropy: list[torch.Tensor] = []
+
+    def take(self, tokens) -> None:
+        """log pi of the tokens sampled from the pending step. tokens (B,)"""
+        self.logprobs.append(self.pending.gather(-1, tokens[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids, scores):
+        if self.pending is not None:
+            self.take(input_ids[:, -1])
+        logits = scores.float() / self.temperature                      # (B, V)
+        self.pending = torch.log_softmax(logits, -1)
+        self.entropy.append(losses.entropy_from_logits(logits))
+        return scores
+
+    def result(self, resp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy), (B, R) each, for the generated responses resp (B, R)."""
+        self.take(resp[:, -1])
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
 
 
 @torch.no_grad()
 def rollout(run: PPORun, prompts: list[list[int]], do_sample: bool = True) -> Rollout:
-    """Responses sampled from the policy (eval mode, KV cache)."""
+    """Responses sampled from the policy (eval mode, KV cache), with their log-probs."""
     roles, tok, p = run.roles, run.tokenizer, run.config.ppo
     ids, mask = (t.to(run.accelerator.device) for t in left_pad(prompts, tok.pad_token_id))
     roles.use("policy")
     roles.peft.eval()
     sampling = dict(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0) if do_sample else {
         "do_sample": False}  # exact samples of pi (its logprobs are what PPO's ratio needs)
+    recorder = SampledLogprobs(p.temperature)
     gen = roles.peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=p.max_new_tokens,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              use_cache=True, **sampling)
+                              use_cache=True, logits_processor=[recorder], **sampling)
     roles.peft.train()
     resp = gen[:, ids.size(1):]                                    # (B, R)
+    logprobs, entropy = recorder.result(resp)
     is_eos = (resp == tok.eos_token_id).long()
     resp_mask = ((is_eos.cumsum(-1) - is_eos) == 0).float()        # through the first EOS
     resp = resp.masked_fill(resp_mask == 0, tok.pad_token_id)
     return Rollout(torch.cat([ids, resp], 1), torch.cat([mask, resp_mask.long()], 1),
-                   resp_mask, resp.size(1))
+                   resp_mask, resp.size(1), logprobs, entropy)
 
 
 def gather_logprobs(logits, tokens):
@@ -234,23 +267,21 @@ def gather_logprobs(logits, tokens):
 
 @torch.no_grad()
 def score_rollout(run: PPORun, ro: Rollout) -> dict:
-    """Per rollout: reward score (B,), and policy/reference log-probs, entropy, values (B, R)."""
+    """Per rollout: reward score (B,); policy (from sampling) and reference log-probs, entropy
+    and values (B, R)."""
     roles, t = run.roles, run.config.train
     chunk, parts = t.batch_size * t.grad_accum, []
     for i in range(0, ro.ids.size(0), chunk):
         ids, mask = ro.ids[i:i + chunk], ro.mask[i:i + chunk]
         resp = ids[:, -ro.n_resp:]
-        roles.use("policy")
-        logits = roles.response_logits(ids, mask, ro.n_resp)       # (b, R, V)
-        part = {"logprobs": gather_logprobs(logits, resp),
-                "entropy": losses.entropy_from_logits(logits)}
         roles.use("reference")
-        part["ref_logprobs"] = gather_logprobs(roles.response_logits(ids, mask, ro.n_resp), resp)
+        part = {"ref_logprobs": gather_logprobs(roles.response_logits(ids, mask, ro.n_resp), resp)}
         roles.use("value")
         part["values"] = roles.response_values(ids, mask, ro.n_resp)
         part["scores"] = roles.scorer.score_ids(ids, mask)
         parts.append(part)
-    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    return {"logprobs": ro.logprobs, "entropy": ro.entropy,
+            **{k: torch.cat([part[k] for part in parts]) for k in parts[0]}}
 
 
 def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
@@ -321,6 +352,7 @@ def train_step(run: PPORun) -> dict:
            for k, v in local.items()}
     log = {"step": run.step + 1, **log, "kl_coef": run.kl_ctl.value}
     run.kl_ctl.update(log["kl"], p.rollout_batch_size * acc.num_processes)
+    release_freed_memory(acc.device)
     run.step += 1
     run.history.append(log)
     return log
@@ -353,9 +385,7 @@ def save_checkpoint(run: PPORun) -> None:
     if not run.accelerator.is_main_process:
         return
     out = Path(run.config.ppo.checkpoint_dir or f"{run.config.output.dir}.checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         weights = {f"{name}/{k}": v for name in (POLICY, VALUE)
                    for k, v in get_peft_model_state_dict(run.roles.peft, adapter_name=name).items()}
         weights["value_head.weight"] = run.roles.value_head.weight
@@ -369,10 +399,6 @@ def save_checkpoint(run: PPORun) -> None:
                 "param_groups": state["param_groups"], "scheduler": run.scheduler.state_dict(),
                 "optimizer_scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:
@@ -421,16 +447,6 @@ def evaluate_policy(run: PPORun) -> dict:
     return out
 
 
-def write_policy(peft_model, out: Path) -> None:
-    """Only the policy's weights, in PEFT's root layout (peft nests a named adapter in a folder)."""
-    scratch = out / ".peft"
-    peft_model.save_pretrained(scratch, selected_adapters=[POLICY], safe_serialization=True)
-    for f in (scratch / POLICY).iterdir():
-        if f.name != "README.md":
-            os.replace(f, out / f.name)
-    shutil.rmtree(scratch)
-
-
 def cleanup(run: PPORun) -> AdapterRecord:
     """Evaluate, then save the policy adapter with its manifest, curves and log."""
     acc, history = run.accelerator, run.history
@@ -446,7 +462,7 @@ def cleanup(run: PPORun) -> AdapterRecord:
             (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
         save_stage_artifact(run.config, {**run.manifest, "metrics": metrics},
-                            lambda tmp: write_policy(run.roles.peft, tmp), extra)
+                            lambda tmp: save_adapter(run.roles.peft, POLICY, tmp), extra)
     acc.wait_for_everyone()
     return AdapterRecord.from_dir(run.config.output.dir)
 
