@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,11 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size (VmHWM), in MiB. Not ``getrusage``'s ru_maxrss:
+    Linux carries that over from the parent across fork + exec, so a side started by a driver
+    that had built a large base would report the driver's peak instead of its own."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def memory_report(baseline_mb: float) -> dict:
@@ -81,9 +84,12 @@ def llama_config(vocab_size: int, hidden: int, layers: int, tokenizer):
                        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
 
 
-def build_base(out: Path, hidden: int, layers: int) -> dict:
-    """A randomly initialised Llama with the tiny task's tokenizer and chat template, saved in
-    bf16 safetensors (random weights cost the same compute as trained ones). Returns its size."""
+def build_base(out: Path, hidden: int, layers: int, checkpoint: str = "bf16") -> dict:
+    """A randomly initialised Llama with the tiny task's tokenizer and chat template (random
+    weights cost the same compute as trained ones), saved as safetensors in bf16, or already
+    quantized to NF4 (``checkpoint="nf4"``, as the hub's ``-bnb-4bit`` repos are): loading it
+    then reads 4-bit weights instead of holding the whole bf16 file while quantizing."""
+    import tempfile
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
     from adapterkit.tiny import ensure_tiny
@@ -92,18 +98,66 @@ def build_base(out: Path, hidden: int, layers: int) -> dict:
     model = LlamaForCausalLM(llama_config(len(tok), hidden, layers, tok)).to(torch.bfloat16)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return {"hidden": hidden, "layers": layers, "parameters": model.num_parameters()}
+    size = {"hidden": hidden, "layers": layers, "parameters": model.num_parameters(), "checkpoint": checkpoint}
+    full = Path(tempfile.mkdtemp()) if checkpoint == "nf4" else out
+    model.save_pretrained(full, safe_serialization=True)
+    tok.save_pretrained(full)
+    if checkpoint == "nf4":
+        del model
+        load_nf4(str(full)).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+    return size
 
 
-def run_side(script: str, python: str, args: list[str]) -> dict:
-    """Run ``python script --side ... args`` and return the JSON its last stdout line holds."""
-    proc = subprocess.run([python, script, *args], capture_output=True, text=True)
+def run_side(script: str, python: str, args: list[str], preload: str | None = None) -> dict:
+    """Run ``python script --side ... args`` (with ``LD_PRELOAD=preload``, an allocator, when
+    given) and return the JSON its last stdout line holds."""
+    env = {**os.environ, "LD_PRELOAD": preload} if preload else None
+    proc = subprocess.run([python, script, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{' '.join(args[:2])}: exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One side's report over repeated runs: the median of every number, and the runs."""
+    if len(runs) == 1:
+        return runs[0]
+    numbers = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    return {**{k: statistics.median(r[k] for r in runs) for k in numbers}, "runs": runs}
+
+
+def machine() -> dict:
+    import torch
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads()}
+
+
+def compare(script: str, doc: str, sides: dict, keys: tuple[str, ...], **defaults) -> None:
+    """The command line of a two-sided benchmark whose sides are ``side(base, steps, batch) ->
+    dict``: build the base, run each side in its own process, print the ratios."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in ("hidden", "layers", "steps", "batch"):
+        parser.add_argument(f"--{flag}", type=int, default=defaults[flag])
+    parser.add_argument("--checkpoint", choices=["nf4", "bf16"], default="nf4",
+                        help="the base as both sides read it: pre-quantized (default) or bf16")
+    parser.add_argument("--out", help="also write the report to this JSON file")
+    parser.add_argument("--side", choices=list(sides), help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # a child: run one side, print its JSON
+        print(json.dumps(sides[args.side](args.base, args.steps, args.batch)))
+        return
+    import tempfile
+    base = Path(tempfile.mkdtemp()) / "base"
+    report = {"model": build_base(base, args.hidden, args.layers, args.checkpoint), "steps": args.steps,
+              "batch": args.batch, **machine()}
+    for side in sides:
+        report[side] = run_side(script, sys.executable, ["--side", side, "--base", str(base),
+                                                         "--steps", str(args.steps), "--batch", str(args.batch)])
+    finish(report, keys, args.out)
 
 
 def finish(report: dict, keys: tuple[str, ...], out: str | None = None) -> None:

@@ -4,8 +4,9 @@ with an explicit second reference model: peak memory and seconds per step, in on
     python benchmarks/dpo_vs_trl.py [--hidden 1024 --layers 12 --steps 8 --batch 4]
 
 Both sides get the same base (a Llama built from config, random weights, the tiny task's
-tokenizer), loaded in 4-bit NF4 with fp32 compute, the same preference pairs (the tiny task's),
-LoRA r=8 on every linear layer, the same batch, length, beta and loss. adapterkit trains a new
+tokenizer; saved already in NF4, or in bf16 with ``--checkpoint bf16``), loaded in 4-bit NF4
+with fp32 compute, the same preference pairs (the tiny task's), LoRA r=8 on every linear
+layer, the same batch, length, beta and loss. adapterkit trains a new
 adapter on the bare base (``dpo.parent=[]``), its reference being the same model with the
 adapter off; trl gets a second 4-bit copy of the base as ``ref_model``, as a user does who
 wants the reference kept apart. Each side runs in its own process, so each peak is its own:
@@ -15,7 +16,6 @@ with the ratios adapterkit / trl.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (build_base, clock, device, finish, load_nf4, memory_report, rss_mb, run_side,  # noqa: E402
-                    step_times)
+from common import clock, compare, device, load_nf4, memory_report, rss_mb, step_times  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 BETA, LR, MAX_LENGTH = 0.1, 1e-4, 64
@@ -80,28 +79,10 @@ SIDES = {"adapterkit": run_adapterkit, "trl": run_trl}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--out", help="also write the report to this JSON file")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
-    parser.add_argument("--base", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:  # a child: run one side, print its JSON
-        print(json.dumps(SIDES[args.side](args.base, args.steps, args.batch)))
-        return
-    import torch
-    base = Path(tempfile.mkdtemp()) / "base"
-    report = {"model": build_base(base, args.hidden, args.layers), "steps": args.steps, "batch": args.batch,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "threads": torch.get_num_threads()}
-    for side in SIDES:
-        report[side] = run_side(__file__, sys.executable, ["--side", side, "--base", str(base),
-                                                           "--steps", str(args.steps), "--batch", str(args.batch)])
-    finish(report, ("seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"),
-           args.out)
+    compare(__file__, __doc__, SIDES,
+            ("seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"),
+            hidden=1024, layers=12, steps=8, batch=4)
+
 
 if __name__ == "__main__":
     main()

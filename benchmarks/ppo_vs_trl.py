@@ -5,12 +5,14 @@ step, same model and settings, in one run.
     python3 -m venv .venv-trl112 && .venv-trl112/bin/pip install torch==2.13.0 && \\
         .venv-trl112/bin/pip install trl==1.12.0 transformers==5.24.0 peft==0.21.2 \\
         bitsandbytes==0.50.2 accelerate==1.15.0 datasets==5.2.0
-    python benchmarks/ppo_vs_trl.py [--hidden 1024 --layers 28 --steps 5] [--peer-python .venv-trl112/bin/python]
+    python benchmarks/ppo_vs_trl.py [--hidden 1024 --layers 28 --steps 6 --repeats 2] [--peer-python .venv-trl112/bin/python]
 
 The base is a Llama built from config (random weights, the tiny task's tokenizer; the default
-has about 310M parameters) and every model on either side is that base in 4-bit NF4 with fp32
-compute. One prepared reward adapter (LoRA r=8 on every linear layer + a scalar head) serves
-both sides.
+has about 310M parameters), saved already quantized to NF4 (``--checkpoint bf16`` saves it in
+bf16 instead, and each load then holds the whole bf16 file while it quantizes, which on CPU
+outweighs the 4-bit models themselves). Every model on either side is that base in 4-bit NF4
+with fp32 compute. One prepared reward adapter (LoRA r=8 on every linear layer + a scalar
+head) serves both sides.
 
 - adapterkit (this environment): one base in memory with the policy LoRA, the reward LoRA and
   head, and a value LoRA and head initialised from the reward's; the reference is the policy
@@ -26,7 +28,7 @@ rate and clip ranges. Each side runs in its own process: on CPU it reports the p
 peak RSS above its baseline after imports; on CUDA the peak allocated. Seconds per step is the
 median wall time of a PPO step (rollout, scoring, update) over ``--steps`` steps, the first
 left out as warm-up. Prints a
-JSON report with the ratios adapterkit / trl.
+JSON report with the ratios adapterkit / trl (of the medians, with ``--repeats``).
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (build_base, clock, device, finish, load_nf4, memory_report, rss_mb, run_side,  # noqa: E402
-                    step_times)
+from common import (build_base, clock, device, finish, load_nf4, machine, median_run, memory_report,  # noqa: E402
+                    rss_mb, run_side, step_times)
 
 SETTINGS = dict(rollout=8, micro_batch=4, grad_accum=2, ppo_epochs=1, response_length=16,
                 temperature=1.0, kl_coef=0.05, learning_rate=1e-5, clip_range=0.2, clip_range_value=0.2,
@@ -141,6 +143,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peer-python", default=str(Path(__file__).resolve().parents[1] / ".venv-trl112/bin/python"),
                         help="python of an environment with trl 1.12.0 (see above)")
+    parser.add_argument("--checkpoint", choices=["nf4", "bf16"], default="nf4",
+                        help="the base as both sides read it: pre-quantized (default) or bf16, quantized while "
+                        "loading (on CPU the whole bf16 file is then resident during each load)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side; the report gives medians")
+    parser.add_argument("--preload", metavar="LIB", help="run both sides with LD_PRELOAD=LIB, e.g. "
+                        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (glibc keeps freed 4-bit dequantization "
+                        "buffers, which makes CPU peak RSS noisy)")
     parser.add_argument("--out", help="also write the report to this JSON file")
     parser.add_argument("--side", choices=["prepare", "adapterkit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -156,17 +165,19 @@ def main() -> None:
         return
     if not os.access(args.peer_python, os.X_OK):
         raise SystemExit(f"{args.peer_python}: no such python; make the trl 1.12.0 environment first (see --help)")
-    import torch
     from adapterkit.tiny import ensure_tiny
     work = Path(tempfile.mkdtemp())
     base, reward, prompts = work / "base", work / "reward", ensure_tiny() / "data" / "prompts.jsonl"
-    report = {"model": build_base(base, args.hidden, args.layers), "steps": args.steps, "settings": SETTINGS,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "threads": torch.get_num_threads()}
+    report = {"model": build_base(base, args.hidden, args.layers, args.checkpoint), "steps": args.steps,
+              "settings": SETTINGS,
+              **machine()}
     common = ["--base", str(base), "--reward", str(reward), "--prompts", str(prompts), "--steps", str(args.steps)]
     run_side(__file__, sys.executable, ["--side", "prepare", *common])
-    report["adapterkit"] = run_side(__file__, sys.executable, ["--side", "adapterkit", *common])
-    report["trl"] = run_side(__file__, args.peer_python, ["--side", "trl", *common])
+    runs = {"adapterkit": [], "trl": []}
+    for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits both
+        runs["adapterkit"].append(run_side(__file__, sys.executable, ["--side", "adapterkit", *common], args.preload))
+        runs["trl"].append(run_side(__file__, args.peer_python, ["--side", "trl", *common], args.preload))
+    report.update({side: median_run(r) for side, r in runs.items()}, repeats=args.repeats, allocator=args.preload or "glibc")
     finish(report, ("seconds_per_step", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"),
            args.out)
 

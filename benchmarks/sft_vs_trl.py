@@ -10,7 +10,6 @@ ratios adapterkit / trl.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_base, device, finish, load_nf4, memory_report, rss_mb, run_side  # noqa: E402
+from common import compare, device, load_nf4, memory_report, rss_mb  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
@@ -74,23 +73,10 @@ SIDES = {"adapterkit": run_adapterkit, "trl": run_trl}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
-    parser.add_argument("--base", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:  # a child: run one side, print its JSON
-        print(json.dumps(SIDES[args.side](args.base, args.steps, args.batch)))
-        return
-    base = Path(tempfile.mkdtemp()) / "base"
-    report = {"model": build_base(base, args.hidden, args.layers), "steps": args.steps, "batch": args.batch}
-    for side in SIDES:
-        report[side] = run_side(__file__, sys.executable, ["--side", side, "--base", str(base),
-                                                           "--steps", str(args.steps), "--batch", str(args.batch)])
-    finish(report, ("tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"))
+    compare(__file__, __doc__, SIDES,
+            ("tokens_per_s", "peak_rss_mb", "peak_rss_above_baseline_mb", "peak_allocated_mb"),
+            hidden=512, layers=8, steps=30, batch=16)
+
 
 if __name__ == "__main__":
     main()

@@ -129,7 +129,7 @@ def test_sampled_logprobs_are_those_of_a_training_forward(ppo_run):
 
 def test_ppo_beats_its_parent_under_the_ground_truth(trained):
     m = trained[0].metrics
-    assert m["score"] > m["parent_score"] + 0.05, m  # seeds 0-3 on one CPU: +0.10 to +0.21
+    assert m["score"] > m["parent_score"] + 0.05, m  # seeds 0-3 on one CPU: +0.13 to +0.16
     assert 0 < m["kl"] < 1.0, m  # mean per-token KL(policy || parent) on held-out answers, nats
     assert m["steps"] == 12
 
