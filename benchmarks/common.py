@@ -5,13 +5,27 @@ Not a test and not part of the package; the scripts put this folder on ``sys.pat
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")  # every side, every script
+_SCRATCH: list[str] = []
+
+
+def scratch() -> str:
+    """A fresh directory, removed when this process exits (bases, adapters, trainer output)."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="adapterkit-bench-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return tempfile.mkdtemp(dir=_SCRATCH[0])
 
 
 def rss_mb() -> float:
@@ -89,7 +103,6 @@ def build_base(out: Path, hidden: int, layers: int, checkpoint: str = "bf16") ->
     weights cost the same compute as trained ones), saved as safetensors in bf16, or already
     quantized to NF4 (``checkpoint="nf4"``, as the hub's ``-bnb-4bit`` repos are): loading it
     then reads 4-bit weights instead of holding the whole bf16 file while quantizing."""
-    import tempfile
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
     from adapterkit.tiny import ensure_tiny
@@ -99,13 +112,14 @@ def build_base(out: Path, hidden: int, layers: int, checkpoint: str = "bf16") ->
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     size = {"hidden": hidden, "layers": layers, "parameters": model.num_parameters(), "checkpoint": checkpoint}
-    full = Path(tempfile.mkdtemp()) if checkpoint == "nf4" else out
-    model.save_pretrained(full, safe_serialization=True)
-    tok.save_pretrained(full)
-    if checkpoint == "nf4":
-        del model
-        load_nf4(str(full)).save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+    with tempfile.TemporaryDirectory() as bf16:  # the bf16 copy an nf4 checkpoint is made from
+        full = Path(bf16) if checkpoint == "nf4" else out
+        model.save_pretrained(full, safe_serialization=True)
+        tok.save_pretrained(full)
+        if checkpoint == "nf4":
+            del model
+            load_nf4(str(full)).save_pretrained(out, safe_serialization=True)
+            tok.save_pretrained(out)
     return size
 
 
@@ -150,8 +164,7 @@ def compare(script: str, doc: str, sides: dict, keys: tuple[str, ...], **default
     if args.side:  # a child: run one side, print its JSON
         print(json.dumps(sides[args.side](args.base, args.steps, args.batch)))
         return
-    import tempfile
-    base = Path(tempfile.mkdtemp()) / "base"
+    base = Path(scratch()) / "base"
     report = {"model": build_base(base, args.hidden, args.layers, args.checkpoint), "steps": args.steps,
               "batch": args.batch, **machine()}
     for side in sides:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import clock, compare, device, load_nf4, memory_report, rss_mb, step_times  # noqa: E402
+from common import LORA, clock, compare, device, load_nf4, memory_report, rss_mb, scratch, step_times  # noqa: E402
 
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 BETA, LR, MAX_LENGTH = 0.1, 1e-4, 64
 
 
@@ -51,7 +49,7 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
         f"base.name={base}", "dpo.parent=[]", "dpo.sft_weight=0", f"dpo.beta={BETA}", "dpo.prompts=null",
         "dpo.scorer=null", "data.eval=null", f"data.max_length={MAX_LENGTH}", f"train.max_steps={steps}",
         f"train.batch_size={batch}", f"train.learning_rate={LR}", f"lora.r={LORA['r']}",
-        f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false", f"output.dir={tempfile.mkdtemp()}"])
+        f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false", f"output.dir={scratch()}"])
     run = setup_dpo(config)
     return {**timed_train(run.trainer), **memory_report(baseline)}
 
@@ -65,7 +63,7 @@ def run_trl(base: str, steps: int, batch: int) -> dict:
     from adapterkit.tiny import ensure_tiny
     rows = [json.loads(line) for line in open(ensure_tiny() / "data" / "preferences.jsonl")]
     policy, reference = load_nf4(base), load_nf4(base)
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+    args = DPOConfig(output_dir=scratch(), max_steps=steps, per_device_train_batch_size=batch,
                      learning_rate=LR, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
                      logging_steps=steps, report_to="none", save_strategy="no", disable_tqdm=True,
                      use_cpu=device() == "cpu", gradient_checkpointing=False, bf16=False)  # fp32 compute, as ours

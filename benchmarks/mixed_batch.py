@@ -92,7 +92,8 @@ def main() -> None:
     if args.registry:
         reg, profiles = Registry.open(args.registry), args.profiles.split(",")
     else:
-        reg, profiles = random_adapters(Path(tempfile.mkdtemp(prefix="adapterkit-bench-")))
+        work = tempfile.TemporaryDirectory(prefix="adapterkit-bench-")  # removed at exit
+        reg, profiles = random_adapters(Path(work.name))
     server = Server(reg)
     prompts, keys = requests(args.requests, profiles)
     server.generate(prompts[:args.batch], keys[:args.batch], args.new_tokens, args.batch)  # load + warm up

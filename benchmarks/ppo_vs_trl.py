@@ -36,25 +36,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (build_base, clock, device, finish, load_nf4, machine, median_run, memory_report,  # noqa: E402
-                    rss_mb, run_side, step_times)
+from common import (LORA, build_base, clock, device, finish, load_nf4, machine, median_run, memory_report,  # noqa: E402
+                    rss_mb, run_side, scratch, step_times)
 
 SETTINGS = dict(rollout=8, micro_batch=4, grad_accum=2, ppo_epochs=1, response_length=16,
                 temperature=1.0, kl_coef=0.05, learning_rate=1e-5, clip_range=0.2, clip_range_value=0.2,
                 vf_coef=0.1, gamma=1.0, lam=0.95)
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-
-
-def reward_classifier(base: str):
-    """The base as a 4-bit, 1-label sequence classifier (trl's reward and value models)."""
-    model = load_nf4(base, num_labels=1)
-    model.config.pad_token_id = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
-    return model
 
 
 # -- the sides -------------------------------------------------------------------------------
@@ -64,7 +55,7 @@ def prepare(base: str, out: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
-    model = get_peft_model(reward_classifier(base), LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, **LORA))
+    model = get_peft_model(load_nf4(base, num_labels=1), LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, **LORA))
     model.save_pretrained(out, safe_serialization=True)
     return {"reward_adapter": out}
 
@@ -91,7 +82,7 @@ def run_adapterkit(base: str, reward: str, prompts: str, steps: int) -> dict:
         f"ppo.clip_range={s['clip_range']}", f"ppo.clip_range_value={s['clip_range_value']}",
         f"ppo.vf_coef={s['vf_coef']}", f"ppo.gamma={s['gamma']}", f"ppo.lam={s['lam']}",
         "ppo.whiten_rewards=false", "train.gradient_checkpointing=false", "train.progress=false",
-        f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", f"output.dir={tempfile.mkdtemp()}"])
+        f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", f"output.dir={scratch()}"])
     run = setup(config)
     stamps = [time.perf_counter()]
     while run.step < run.total_steps:
@@ -114,10 +105,10 @@ def run_trl(base: str, reward: str, prompts: str, steps: int) -> dict:
            for p in rows]
     data = Dataset.from_list([{"input_ids": i} for i in ids])
     policy = load_nf4(base)
-    reward_model = PeftModel.from_pretrained(reward_classifier(base), reward)
-    value_model = PeftModel.from_pretrained(reward_classifier(base), reward, is_trainable=True)
+    reward_model = PeftModel.from_pretrained(load_nf4(base, num_labels=1), reward)
+    value_model = PeftModel.from_pretrained(load_nf4(base, num_labels=1), reward, is_trainable=True)
     args = PPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=s["micro_batch"],
+        output_dir=scratch(), per_device_train_batch_size=s["micro_batch"],
         gradient_accumulation_steps=s["grad_accum"], num_mini_batches=1, num_ppo_epochs=s["ppo_epochs"],
         local_rollout_forward_batch_size=s["rollout"], total_episodes=steps * s["rollout"],
         response_length=s["response_length"], temperature=s["temperature"], kl_coef=s["kl_coef"],
@@ -166,7 +157,7 @@ def main() -> None:
     if not os.access(args.peer_python, os.X_OK):
         raise SystemExit(f"{args.peer_python}: no such python; make the trl 1.12.0 environment first (see --help)")
     from adapterkit.tiny import ensure_tiny
-    work = Path(tempfile.mkdtemp())
+    work = Path(scratch())
     base, reward, prompts = work / "base", work / "reward", ensure_tiny() / "data" / "prompts.jsonl"
     report = {"model": build_base(base, args.hidden, args.layers, args.checkpoint), "steps": args.steps,
               "settings": SETTINGS,

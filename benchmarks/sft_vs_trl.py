@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, device, load_nf4, memory_report, rss_mb  # noqa: E402
+from common import LORA, compare, device, load_nf4, memory_report, rss_mb, scratch  # noqa: E402
 
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
 def import_stack() -> float:
@@ -41,7 +39,7 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
     config = load_config("sft", "tiny_sft", [
         f"base.name={base}", "data.eval=null", f"train.max_steps={steps}", f"train.batch_size={batch}",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false",
-        "train.gradient_checkpointing=false", f"output.dir={tempfile.mkdtemp()}"])
+        "train.gradient_checkpointing=false", f"output.dir={scratch()}"])
     run = setup_sft(config)
     start = time.perf_counter()
     run.trainer.train()
@@ -57,7 +55,7 @@ def run_trl(base: str, steps: int, batch: int) -> dict:
     from adapterkit.tiny import ensure_tiny
     rows = [json.loads(line) for line in open(ensure_tiny() / "data" / "sft.jsonl")]
     model = load_nf4(base)
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+    args = SFTConfig(output_dir=scratch(), max_steps=steps, per_device_train_batch_size=batch,
                      learning_rate=3e-3, logging_steps=10, report_to="none", save_strategy="no",
                      max_length=64, assistant_only_loss=True, disable_tqdm=True,
                      use_cpu=device() == "cpu", gradient_checkpointing=False, bf16=False)  # fp32 compute, as ours

@@ -1,8 +1,10 @@
 """What every stage shares: the record it returns, trainer arguments, the artifact."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,5 +102,8 @@ def save_stage_artifact(config: StageConfig, manifest: dict,
 
 
 def run_dir() -> str:
-    """Scratch space for the trainer (checkpoints are off; logs only)."""
-    return tempfile.mkdtemp(prefix="adapterkit-run-")
+    """Scratch space for the trainer (checkpoints are off; logs only). Stages remove it when
+    they finish; a run that stops early leaves it to be removed when the process exits."""
+    path = tempfile.mkdtemp(prefix="adapterkit-run-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
