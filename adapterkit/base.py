@@ -82,6 +82,7 @@ def load_model(section: BaseSection, device: str | None = None, num_labels: int 
         trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)
+    quant.reuse_dequant_buffer(model)  # CPU: one dequantization buffer, not one per call
     release_freed_memory(device)  # the full-precision tensors read while quantizing
     return model
 

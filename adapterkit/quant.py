@@ -1,7 +1,9 @@
 """The only module that touches bitsandbytes: QuantConfig -> BitsAndBytesConfig, dequantize."""
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 
 import torch
 
@@ -82,5 +84,103 @@ def keep_compute_dtype(model: torch.nn.Module) -> int:
         if getattr(state, "packing_format_for_cpu", False):
             module.weight.data, module.weight.quant_state = \
                 bnb.functional._convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        changed += 1
+    return changed
+
+
+# -- CPU: dequantize every 4-bit layer into one reused buffer ----------------------------------
+#
+# bitsandbytes' CPU matmul dequantizes the layer's weight into a fresh tensor on every forward
+# and again in backward, then frees it. Those buffers (the largest allocations in a step) make
+# glibc fault in new pages each time and fragment the heap around the activations that
+# training keeps. Measured on a 311M Llama, PPO micro-batch of 4 on 2 cores: dequantization
+# took 4.1 ms per layer call in training against 0.8 ms when the memory was warm. Layers
+# converted by ``reuse_dequant_buffer`` write the same dequantized weight (bnb's own kernel)
+# into one buffer per thread instead: the result is bit-identical (tests/test_quant.py).
+
+_C_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_scratch = threading.local()
+
+
+def _cpu_kernel(quant_type: str, dtype: torch.dtype):
+    """bitsandbytes' native CPU dequantizer for (quant_type, dtype), or None."""
+    try:
+        from bitsandbytes.cextension import lib
+        return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_C_DTYPE[dtype]}", None)
+    except Exception:  # no native library, or a build without CPU kernels
+        return None
+
+
+def _dequantize_into_buffer(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's dense weight (N, K) in ``dtype``, written into this thread's buffer (valid
+    until the next call: callers use it at once)."""
+    import ctypes
+    import bitsandbytes as bnb
+    state = weight.quant_state
+    n, k = state.shape
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n * k or buf.dtype != dtype:
+        buf = _scratch.buf = torch.empty(n * k, dtype=dtype)
+    absmax = state.absmax
+    if state.nested:  # double quantization: the absmax are themselves 8-bit
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float().contiguous()
+    packed = weight.data.view(torch.uint8)
+    _cpu_kernel(state.quant_type, dtype)(
+        ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
+        ctypes.c_void_p(buf.data_ptr()), ctypes.c_longlong(state.blocksize),
+        ctypes.c_longlong(n), ctypes.c_longlong(k))
+    return buf[:n * k].view(n, k)
+
+
+class _BufferedMatmul4bit(torch.autograd.Function):
+    """x W^T for a frozen 4-bit W, dequantized into the buffer in x's dtype in forward and
+    again in backward. x (..., K) -> (..., N)"""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return torch.nn.functional.linear(x, _dequantize_into_buffer(weight, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):  # (..., N) @ (N, K) -> (..., K); the frozen weight gets none
+        return grad @ _dequantize_into_buffer(ctx.weight, grad.dtype), None
+
+
+@functools.cache
+def _buffered_class():
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    class BufferedLinear4bit(bnb.nn.Linear4bit):
+        """A Linear4bit whose CPU matmul reuses one dequantization buffer (see above)."""
+
+        def forward(self, x):
+            if x.device.type != "cpu":
+                return super().forward(x)
+            fix_4bit_weight_quant_state_from_module(self)
+            out = _BufferedMatmul4bit.apply(x.to(self.compute_dtype), self.weight)
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
+            return out.to(x.dtype)
+
+    return BufferedLinear4bit
+
+
+def reuse_dequant_buffer(model: torch.nn.Module) -> int:
+    """Convert a CPU model's fp32-compute 4-bit layers to the buffered matmul above; returns
+    how many. Layers bitsandbytes' CPU kernel does not take (odd width, blocksize >= 2048,
+    the bf16 inference layout) keep the stock path."""
+    import bitsandbytes as bnb
+    changed = 0
+    for module in model.modules():
+        if type(module) is not bnb.nn.Linear4bit or module.weight.device.type != "cpu":
+            continue
+        state = module.weight.quant_state
+        if (module.compute_dtype != torch.float32 or state is None
+                or getattr(state, "packing_format_for_cpu", False) or state.shape[-1] % 2
+                or state.blocksize >= 2048 or _cpu_kernel(state.quant_type, torch.float32) is None):
+            continue
+        module.__class__ = _buffered_class()
         changed += 1
     return changed
