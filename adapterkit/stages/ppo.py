@@ -28,8 +28,7 @@ import torch
 
 from adapterkit import losses, tiny
 from adapterkit.artifact import atomic_dir
-from adapterkit.base import (load_model, load_parent_stack, load_tokenizer, parent_entry, release_freed_memory,
-                             save_adapter)
+from adapterkit.base import load_model, load_parent_stack, load_tokenizer, parent_entry, save_adapter
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
@@ -352,7 +351,6 @@ def train_step(run: PPORun) -> dict:
            for k, v in local.items()}
     log = {"step": run.step + 1, **log, "kl_coef": run.kl_ctl.value}
     run.kl_ctl.update(log["kl"], p.rollout_batch_size * acc.num_processes)
-    release_freed_memory(acc.device)
     run.step += 1
     run.history.append(log)
     return log
