@@ -1,4 +1,5 @@
-"""The only module that touches bitsandbytes: QuantConfig -> BitsAndBytesConfig, dequantize."""
+"""The only module that touches bitsandbytes: QuantConfig -> BitsAndBytesConfig, dequantize,
+and the CPU 4-bit matmul that reuses one dequantization buffer."""
 from __future__ import annotations
 
 import functools
