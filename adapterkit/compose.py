@@ -118,11 +118,10 @@ def adapter_name(entry: Entry) -> str:
 
 
 def load_base_for(entry: Entry, base: BaseSection | None = None, device: str | None = None) -> Loaded:
-    """The base ``entry`` was trained on (or ``base``), with eval-mode 4-bit layers that compute
-    like training's (see ``quant.keep_compute_dtype``)."""
+    """The base ``entry`` was trained on (or ``base``), in eval mode; ``load_model`` already made
+    its 4-bit layers compute like training's (see ``quant.keep_compute_dtype``)."""
     section = base or base_section(entry.manifest)
     model, tokenizer = load_model(section, device), load_tokenizer(section)
-    quant.keep_compute_dtype(model)
     model.eval()
     return Loaded(model, tokenizer, section, fingerprint(model, tokenizer))
 

@@ -103,8 +103,10 @@ _C_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 _scratch = threading.local()
 
 
+@functools.cache
 def _cpu_kernel(quant_type: str, dtype: torch.dtype):
-    """bitsandbytes' native CPU dequantizer for (quant_type, dtype), or None."""
+    """bitsandbytes' native CPU dequantizer for (quant_type, dtype), or None (looked up once:
+    every layer call uses it)."""
     try:
         from bitsandbytes.cextension import lib
         return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_C_DTYPE[dtype]}", None)

@@ -139,8 +139,8 @@ def main() -> None:
                         "loading (on CPU the whole bf16 file is then resident during each load)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side; the report gives medians")
     parser.add_argument("--preload", metavar="LIB", help="run both sides with LD_PRELOAD=LIB, e.g. "
-                        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (glibc keeps freed 4-bit dequantization "
-                        "buffers, which makes CPU peak RSS noisy)")
+                        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (under glibc, stock bitsandbytes' freed "
+                        "4-bit dequantization buffers make the peer's CPU peak RSS noisy)")
     parser.add_argument("--out", help="also write the report to this JSON file")
     parser.add_argument("--side", choices=["prepare", "adapterkit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -160,8 +160,7 @@ def main() -> None:
     work = Path(scratch())
     base, reward, prompts = work / "base", work / "reward", ensure_tiny() / "data" / "prompts.jsonl"
     report = {"model": build_base(base, args.hidden, args.layers, args.checkpoint), "steps": args.steps,
-              "settings": SETTINGS,
-              **machine()}
+              "settings": SETTINGS, **machine()}
     common = ["--base", str(base), "--reward", str(reward), "--prompts", str(prompts), "--steps", str(args.steps)]
     run_side(__file__, sys.executable, ["--side", "prepare", *common])
     runs = {"adapterkit": [], "trl": []}
