@@ -9,15 +9,30 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError,
+                      model_validator)
 
+from adapterkit import rewards
 from adapterkit.errors import ConfigError
 
 Quantization = Literal["nf4", "int8", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+def _function_ref(value):
+    if not rewards.is_function_ref(value):
+        raise ValueError(f"neither a reward function name ({', '.join(rewards.NAMED)}) nor module:function")
+    return value
+
+
+# A reward adapter (directory or registry ref) or a reward function (module:function, a
+# registered name, or in Python the callable); written to YAML/JSON as text.
+RewardRef = Annotated[str | Callable[..., Any], PlainSerializer(rewards.describe, when_used="json")]
+# A ground-truth scorer: a reward function only (see adapterkit.rewards).
+ScorerRef = Annotated[RewardRef, AfterValidator(_function_ref)]
 
 
 class Section(BaseModel):
@@ -106,8 +121,12 @@ def register_stage_config(cls: type[StageConfig]) -> type[StageConfig]:
 class PPOSection(Section):
     """PPO (Schulman et al. 2017) with InstructGPT's KL-shaped reward (Ouyang et al. 2022)."""
     parent: list[str] = []  # frozen parent stack (dirs or registry refs, bottom first): the reference
-    reward: str | None = None  # reward adapter (LoRA + score head), dir or registry ref; required
-    value_init: Literal["reward", "fresh"] = "reward"  # value adapter + head: the reward's, or new
+    # required: a reward adapter (LoRA + score head; dir or registry ref), or a reward function
+    # (module:function with trl's GRPO signature, see adapterkit.rewards)
+    reward: RewardRef | None = None
+    # value adapter + head: a copy of the reward adapter's, or new; default: the reward's when
+    # the reward is an adapter, else new
+    value_init: Literal["reward", "fresh"] | None = None
     rollout_batch_size: int = Field(64, gt=0)  # prompts per PPO step (per process)
     ppo_epochs: int = Field(2, gt=0)
     max_new_tokens: int = Field(16, gt=0)
@@ -124,7 +143,13 @@ class PPOSection(Section):
     kl_horizon: float = Field(10000, gt=0)
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None  # subtracted from the score of unfinished responses
-    scorer: Literal["tiny"] | None = None  # ground-truth scorer for the held-out prompts
+    scorer: ScorerRef | None = None  # ground-truth reward function for the held-out prompts
+    # Held-out evaluation every N PPO steps (0: only at the end): the greedy responses to the
+    # data.eval prompts, scored by ``scorer`` when set, else by the reward. It draws the
+    # held-out curve in ppo.png, and guards against over-optimising a reward model:
+    eval_every: int = Field(0, ge=0)
+    keep_best: bool = False  # save the policy from the best evaluation (step 0 = the parent)
+    patience: int = Field(0, ge=0)  # stop after this many evaluations without a new best; 0: never
     checkpoint_every: int = Field(0, ge=0)  # PPO steps between checkpoints; 0: none
     checkpoint_dir: str | None = None  # default: <output.dir>.checkpoint
     resume_from: str | None = None  # a checkpoint dir written by checkpoint_every
@@ -139,7 +164,13 @@ class PPOConfig(StageConfig):
     @model_validator(mode="after")
     def _batches(self) -> "PPOConfig":
         if self.ppo.reward is None:
-            raise ValueError("ppo.reward: required (a reward adapter directory)")
+            raise ValueError("ppo.reward: required (a reward adapter directory, or module:function)")
+        if self.ppo.value_init == "reward" and rewards.is_function_ref(self.ppo.reward):
+            raise ValueError("ppo.value_init=reward copies a reward adapter, but ppo.reward is a "
+                             "function; use ppo.value_init=fresh")
+        if (self.ppo.keep_best or self.ppo.patience) and not (self.ppo.eval_every and self.data.eval):
+            raise ValueError("ppo.keep_best and ppo.patience need held-out evaluations: set "
+                             "ppo.eval_every > 0 and data.eval")
         minibatch = self.train.batch_size * self.train.grad_accum
         if self.ppo.rollout_batch_size % minibatch:
             raise ValueError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple "
@@ -172,7 +203,7 @@ class DPOSection(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO / rDPO label-flip rate
     sft_weight: float = Field(0.0, ge=0)  # RPO (Pang et al. 2024): + weight * NLL of chosen
     precompute_ref_logps: bool = False  # one reference pass before training, none during it
-    scorer: Literal["tiny"] | None = "tiny"  # ground-truth scorer for the held-out prompts
+    scorer: ScorerRef | None = "tiny"  # ground-truth reward function for the held-out prompts
     prompts: str | None = "tiny:prompts_eval"  # held-out prompts for score, KL and win rate
     reward: str | None = None  # reward adapter dir: win rate of the policy over its parent
     max_new_tokens: int = Field(16, gt=0)

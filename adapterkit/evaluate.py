@@ -1,8 +1,6 @@
 """Generation and scoring on held-out prompts, and the KL of a stack to its parent."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 
@@ -45,16 +43,12 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 16, batch_si
     return out
 
 
-def prompt_text(prompt) -> str:
-    """The last user message of a conversational prompt, or the prompt itself."""
-    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
-
-
-def mean_score(model, tokenizer, prompts: list, scorer: Callable[[str, str], float],
-               **kwargs) -> tuple[float, list[str]]:
-    """Mean ground-truth score of greedy responses to ``prompts``."""
+def mean_score(model, tokenizer, prompts: list, scorer, **kwargs) -> tuple[float, list[str]]:
+    """Mean score of greedy responses to ``prompts`` under a reward function (a callable, or
+    its name; see ``adapterkit.rewards``), and the responses."""
+    from adapterkit.rewards import load_function, score_completions
     responses = generate(model, tokenizer, prompts, **kwargs)
-    scores = [scorer(prompt_text(p), r) for p, r in zip(prompts, responses)]
+    scores = score_completions(load_function(scorer), prompts, responses)
     return sum(scores) / len(scores), responses
 
 

@@ -51,13 +51,9 @@ class Context:
             model, _ = load_adapters(model, adapter_dirs)
             from adapterkit.base import activate
             activate(model, list(model.peft_config))
-        score, _ = tiny_score(model, tok, self.eval_prompts())
+        from adapterkit.evaluate import mean_score
+        score, _ = mean_score(model, tok, self.eval_prompts(), tiny.reward)
         return score
-
-
-def tiny_score(model, tokenizer, prompts):
-    from adapterkit.evaluate import mean_score
-    return mean_score(model, tokenizer, prompts, tiny.score)
 
 
 def step_base(ctx: Context) -> None:

@@ -93,6 +93,14 @@ def score(prompt: str, response: str) -> float:
     return right / max(len(target), len(answer), 1)
 
 
+def reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """``score`` with trl's reward-function signature (see ``adapterkit.rewards``): prompts
+    and completions as text or as conversations."""
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+    return [score(text(p), text(c)) for p, c in zip(prompts, completions)]
+
+
 def _sample_words(rng: random.Random) -> tuple[str, ...]:
     return tuple(rng.sample(WORDS, rng.choice([1, 2, 3])))
 

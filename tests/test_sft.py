@@ -88,9 +88,9 @@ def test_sft_beats_the_base_on_held_out_prompts(sft_adapter, tiny_dir):
     config = load_config("sft", sft_adapter.path / "config.yaml")
     model, tok = load_base(config.base)
     prompts = [r["prompt"] for r in load_jsonl(tiny_dir / "data" / "prompts_eval.jsonl")]
-    base_score, _ = mean_score(model, tok, prompts, tiny.score)
+    base_score, _ = mean_score(model, tok, prompts, tiny.reward)
     model, names = load_adapters(model, [sft_adapter.path])
-    sft_score, _ = mean_score(model, tok, prompts, tiny.score)
+    sft_score, _ = mean_score(model, tok, prompts, tiny.reward)
     assert sft_score > base_score + 0.3
     assert sft_score < 0.9  # it learns the demonstrations' mistake: preference stages have a job
 

@@ -47,5 +47,5 @@ def test_base_knows_the_language_but_not_the_chat_task(tiny_dir):
     meta = json.loads((tiny_dir / "tiny.json").read_text())
     assert meta["pretrain_loss_last"] < meta["pretrain_loss_first"] / 3
     prompts = [r["prompt"] for r in load_jsonl(tiny_dir / "data" / "prompts_eval.jsonl")][:32]
-    score, _ = mean_score(model, tok, prompts, tiny.score)
+    score, _ = mean_score(model, tok, prompts, tiny.reward)
     assert score < 0.1

@@ -28,7 +28,7 @@ import torch
 from adapterkit.base import activate, load_base, load_parent_stack, parent_entry, use_adapters
 from adapterkit.config import DPOConfig
 from adapterkit.data import check_chat_contract, load_data
-from adapterkit.evaluate import completion_logps, generate, mean_token_kl, prompt_text
+from adapterkit.evaluate import completion_logps, generate, mean_token_kl
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype, quiet_trainer,
                                       run_dir, save_stage_artifact, trainer_kwargs)
@@ -37,11 +37,6 @@ ADAPTER = "default"  # peft saves this name at the root of the adapter directory
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 NON_MODEL_KEYS = {"completion_mask", *REF_KEYS}
 LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-
-
-def ground_truth_scorers() -> dict:
-    from adapterkit import tiny
-    return {"tiny": tiny.score}
 
 
 # -- the trainer: reference = parent stack ---------------------------------------------------------
@@ -235,9 +230,10 @@ def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: Stack, reward_d
             responses[who] = generate(model, tokenizer, prompts, max_new_tokens=d.max_new_tokens)
     out = {"kl": mean_token_kl(model, tokenizer, prompts, responses["policy"], stack.policy, stack.reference)}
     if d.scorer is not None:
-        score = ground_truth_scorers()[d.scorer]
+        from adapterkit.rewards import load_function, score_completions
+        score = load_function(d.scorer)
         for who, key in (("policy", "score"), ("parent", "parent_score")):
-            out[key] = sum(score(prompt_text(p), r) for p, r in zip(prompts, responses[who])) / len(prompts)
+            out[key] = sum(score_completions(score, prompts, responses[who])) / len(prompts)
     if reward_dir is not None:
         out["win_rate"] = win_rate(model, tokenizer, reward_dir, prompts, responses)
     return out

@@ -26,20 +26,20 @@ from pathlib import Path
 
 import torch
 
-from adapterkit import losses, tiny
+from adapterkit import losses, rewards
 from adapterkit.artifact import atomic_dir
 from adapterkit.base import load_model, load_parent_stack, load_tokenizer, parent_entry, save_adapter
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
-from adapterkit.evaluate import generate, left_pad, mean_token_kl, prompt_ids, prompt_text
+from adapterkit.evaluate import generate, left_pad, mean_token_kl, prompt_ids
 from adapterkit.plots import plot_curves
 from adapterkit.stages.common import AdapterRecord, base_manifest, save_stage_artifact
 
 log = logging.getLogger("adapterkit")
 POLICY, VALUE, REWARD = "policy", "value", "reward"
-SCORERS = {"tiny": tiny.score}  # ground-truth scorers for held-out prompts, by name
-CURVES = ("reward", "kl", "entropy", "value_loss")
+CURVES = {"reward": "reward (train)", "eval_score": "held-out score", "kl": "KL to parent (train)",
+          "entropy": "entropy", "value_loss": "value loss"}  # ppo_log.jsonl key -> ppo.png panel
 
 
 def positions(mask):
@@ -48,7 +48,7 @@ def positions(mask):
 
 
 class SharedBase(torch.nn.Module):
-    """The one PeftModel with every role's adapter, the reward scorer and the value head.
+    """The one PeftModel with every role's adapter, the reward and the value head.
 
     ``forward(role, ...)`` is the trainable pass (policy logits or values); the frozen roles run
     through ``score`` and ``response_logits`` under no_grad. Only policy and value weights ever
@@ -57,7 +57,8 @@ class SharedBase(torch.nn.Module):
     def __init__(self, peft_model, parents: list[str], scorer, value_head, temperature=1.0):
         super().__init__()
         self.peft, self.value_head, self.temperature = peft_model, value_head, temperature
-        self.scorer = scorer  # reward.RewardScorer: the frozen "reward" adapter and its head
+        # reward.RewardScorer (the frozen "reward" adapter and its head), or a reward function
+        self.scorer = scorer
         self.roles = {"reference": parents, "policy": [*parents, POLICY], "value": [VALUE]}
         self._lora = [(p, f".{POLICY}." in n or f".{VALUE}." in n)
                       for n, p in peft_model.named_parameters() if "lora_" in n]
@@ -107,16 +108,20 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
         model.add_adapter(POLICY, lora_config(config))
     else:
         model = get_peft_model(model, lora_config(config), adapter_name=POLICY)
-    manifest["reward_model"] = parent_entry(p.reward, base_fp)  # a directory or a registry ref
-    reward_dir = manifest["reward_model"]["path"]
-    scorer = RewardScorer.attach(model, tokenizer, reward_dir, name=REWARD)
-    if p.value_init == "reward":  # a second copy of the reward's LoRA, trainable
-        head = RewardScorer.attach(model, tokenizer, reward_dir, name=VALUE).head
+    if rewards.is_function_ref(p.reward):
+        scorer = rewards.load_function(p.reward)
+        manifest["reward_function"] = rewards.describe(p.reward)
+    else:
+        manifest["reward_model"] = parent_entry(p.reward, base_fp)  # a directory or a registry ref
+        scorer = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=REWARD)
+    if p.value_init in (None, "reward") and isinstance(scorer, RewardScorer):
+        # a second copy of the reward's LoRA and head, trainable
+        head = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=VALUE).head.float()
     else:
         model.add_adapter(VALUE, lora_config(config))
-        head = torch.zeros_like(scorer.head)
+        head = torch.zeros(1, model.config.hidden_size, device=next(model.parameters()).device)
     value_head = torch.nn.Linear(head.size(1), 1, bias=False, device=head.device)
-    value_head.weight.data.copy_(head.float())
+    value_head.weight.data.copy_(head)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -144,8 +149,11 @@ class PPORun:
     eval_prompts: list   # raw held-out prompts (messages or text)
     total_steps: int
     manifest: dict
+    train_prompts: list = field(default_factory=list)  # raw training prompts, as ``prompts``
     step: int = 0
     history: list = field(default_factory=list)
+    evals: list = field(default_factory=list)  # [{"step", "eval_score"}], step 0 = the parent
+    best: dict | None = None  # {"step", "eval_score", "weights": the policy adapter's tensors}
 
     @property
     def roles(self) -> SharedBase:
@@ -162,7 +170,8 @@ def setup(config: PPOConfig) -> PPORun:
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(config.base)
     roles, manifest = build_model(config, acc.device, tokenizer)
-    prompts = [prompt_ids(tokenizer, q) for q in load_prompts(config.data.train, config, tokenizer)]
+    raw = load_prompts(config.data.train, config, tokenizer)
+    prompts = [prompt_ids(tokenizer, q) for q in raw]
     evals = load_prompts(config.data.eval, config, tokenizer) if config.data.eval else []
     per_step = p.rollout_batch_size * acc.num_processes
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * len(prompts) / per_step)
@@ -175,7 +184,7 @@ def setup(config: PPOConfig) -> PPORun:
     kl_ctl = (losses.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else losses.FixedKLController(p.kl_coef))
     run = PPORun(config, acc, model, tokenizer, optimizer, scheduler, kl_ctl, prompts, evals,
-                 total, manifest)
+                 total, manifest, raw)
     if p.resume_from:
         load_checkpoint(run, p.resume_from)
     return run
@@ -188,12 +197,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def step_prompts(run: PPORun) -> list[list[int]]:
-    """This process's prompts for this step: a function of the step, so resuming sees the same."""
+def step_prompts(run: PPORun) -> list[int]:
+    """Indices of this process's prompts for this step: a function of the step, so resuming
+    sees the same."""
     b, acc, n = run.config.ppo.rollout_batch_size, run.accelerator, len(run.prompts)
     start = (run.step * acc.num_processes + acc.process_index) * b
-    return [run.prompts[_epoch_order(n, run.config.train.seed, i // n)[i % n]]
-            for i in range(start, start + b)]
+    return [_epoch_order(n, run.config.train.seed, i // n)[i % n] for i in range(start, start + b)]
 
 
 @dataclass
@@ -204,6 +213,7 @@ class Rollout:
     n_resp: int                  # R
     logprobs: torch.Tensor       # (B, R) log pi_old(token), as sampled
     entropy: torch.Tensor        # (B, R) entropy of pi_old at each response position
+    prompts: list | None = None  # the raw prompts (B), for a reward function
 
 
 class SampledLogprobs:
@@ -277,7 +287,12 @@ def score_rollout(run: PPORun, ro: Rollout) -> dict:
         part = {"ref_logprobs": gather_logprobs(roles.response_logits(ids, mask, ro.n_resp), resp)}
         roles.use("value")
         part["values"] = roles.response_values(ids, mask, ro.n_resp)
-        part["scores"] = roles.scorer.score_ids(ids, mask)
+        if callable(roles.scorer):  # a reward function scores the decoded responses
+            texts = run.tokenizer.batch_decode(resp, skip_special_tokens=True)
+            part["scores"] = torch.tensor(rewards.score_completions(roles.scorer, ro.prompts[i:i + chunk], texts),
+                                          device=ids.device)
+        else:
+            part["scores"] = roles.scorer.score_ids(ids, mask)
         parts.append(part)
     return {"logprobs": ro.logprobs, "entropy": ro.entropy,
             **{k: torch.cat([part[k] for part in parts]) for k in parts[0]}}
@@ -339,7 +354,9 @@ def train_step(run: PPORun) -> dict:
     """Rollout -> score -> advantages -> PPO epochs -> KL controller; returns the step's log."""
     acc, p = run.accelerator, run.config.ppo
     torch.manual_seed(run.config.train.seed + 1000 * run.step + acc.process_index)
-    ro = rollout(run, step_prompts(run))
+    chosen = step_prompts(run)
+    ro = rollout(run, [run.prompts[i] for i in chosen])
+    ro.prompts = [run.train_prompts[i] for i in chosen]
     batch = score_rollout(run, ro)
     add_advantages(run, ro, batch)
     stats = ppo_epochs(run, ro, batch)
@@ -357,21 +374,78 @@ def train_step(run: PPORun) -> dict:
 
 
 def train(run: PPORun) -> None:
-    """PPO steps from ``run.step`` to the end, with a progress bar and checkpoints."""
+    """PPO steps from ``run.step`` to the end, with a progress bar, held-out evaluations
+    (``ppo.eval_every``; early stopping after ``ppo.patience`` without a new best) and
+    checkpoints."""
     from tqdm.auto import tqdm
     p, acc = run.config.ppo, run.accelerator
     bar = tqdm(total=run.total_steps, initial=run.step, desc="ppo", dynamic_ncols=True,
                disable=not (run.config.train.progress and acc.is_main_process))
-    while run.step < run.total_steps:
+    evaluating = p.eval_every and run.eval_prompts
+    if evaluating and not run.evals:
+        record_eval(run)  # step 0: the parent, the score to beat
+    while run.step < run.total_steps and not patience_spent(run):
         entry = train_step(run)
+        if evaluating and (run.step % p.eval_every == 0 or run.step == run.total_steps):
+            entry["eval_score"] = record_eval(run)
         bar.update(1)
         bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.3f}",
-                        vloss=f"{entry['value_loss']:.3f}", clip=f"{entry['clip_fraction']:.2f}")
+                        vloss=f"{entry['value_loss']:.3f}", clip=f"{entry['clip_fraction']:.2f}",
+                        **({"held_out": f"{entry['eval_score']:.3f}"} if "eval_score" in entry else {}))
         if run.step % run.config.train.logging_steps == 0:
             log.info("ppo %s", json.dumps(entry))
         if p.checkpoint_every and run.step % p.checkpoint_every == 0:
             save_checkpoint(run)
     bar.close()
+
+
+# -- held-out evaluation, best policy, early stopping ---------------------------------------------
+
+@torch.no_grad()
+def held_out_score(run: PPORun) -> float:
+    """Mean score of the policy's greedy responses to the held-out prompts: the scorer's when
+    one is set, else the reward's (function or reward adapter)."""
+    p, roles, prompts = run.config.ppo, run.roles, run.eval_prompts
+    roles.use("policy")
+    responses = generate(roles.peft, run.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
+                         batch_size=p.rollout_batch_size)
+    judge = p.scorer if p.scorer is not None else roles.scorer
+    if callable(judge) or isinstance(judge, str):
+        scores = rewards.score_completions(rewards.load_function(judge), prompts, responses)
+    else:
+        scores = judge.score(prompts, responses)
+    return sum(scores) / len(scores)
+
+
+def record_eval(run: PPORun) -> float:
+    """Evaluate now; remember the policy's weights when this is the best evaluation so far."""
+    from peft.utils import get_peft_model_state_dict
+    score = held_out_score(run)
+    run.evals.append({"step": run.step, "eval_score": score})
+    if run.config.ppo.keep_best and (run.best is None or score > run.best["eval_score"]):
+        weights = get_peft_model_state_dict(run.roles.peft, adapter_name=POLICY)
+        run.best = {"step": run.step, "eval_score": score,
+                    "weights": {k: v.detach().clone() for k, v in weights.items()}}
+    return score
+
+
+def patience_spent(run: PPORun) -> bool:
+    """True after ``ppo.patience`` evaluations in a row without a new best."""
+    patience = run.config.ppo.patience
+    if not patience or len(run.evals) <= patience:
+        return False
+    best_before = max(e["eval_score"] for e in run.evals[:-patience])
+    return all(e["eval_score"] <= best_before for e in run.evals[-patience:])
+
+
+def restore_best(run: PPORun) -> None:
+    """Put the best evaluation's policy weights back (``ppo.keep_best``)."""
+    from peft.utils import set_peft_model_state_dict
+    if run.best is None or run.best["step"] == run.step:
+        return
+    log.info("ppo: keeping the policy of step %d (held-out %.4f), the best of %d evaluations",
+             run.best["step"], run.best["eval_score"], len(run.evals))
+    set_peft_model_state_dict(run.roles.peft, run.best["weights"], adapter_name=POLICY)
 
 
 # -- checkpoints: safetensors for tensors, JSON for the rest (no pickle) --------------------------
@@ -387,13 +461,16 @@ def save_checkpoint(run: PPORun) -> None:
         weights = {f"{name}/{k}": v for name in (POLICY, VALUE)
                    for k, v in get_peft_model_state_dict(run.roles.peft, adapter_name=name).items()}
         weights["value_head.weight"] = run.roles.value_head.weight
+        if run.best is not None:
+            weights.update({f"best/{k}": v for k, v in run.best["weights"].items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   tmp / "adapters.safetensors")
         state = run.optimizer.state_dict()  # {"state": {i: {name: value}}, "param_groups": [...]}
         flat = {f"{i}/{k}": v for i, s in state["state"].items() for k, v in s.items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)},
                   tmp / "optimizer.safetensors")
-        meta = {"step": run.step, "kl_coef": run.kl_ctl.value, "history": run.history,
+        meta = {"step": run.step, "kl_coef": run.kl_ctl.value, "history": run.history, "evals": run.evals,
+                "best": None if run.best is None else {k: run.best[k] for k in ("step", "eval_score")},
                 "param_groups": state["param_groups"], "scheduler": run.scheduler.state_dict(),
                 "optimizer_scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
@@ -420,6 +497,10 @@ def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:
     run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     run.scheduler.load_state_dict(meta["scheduler"])
     run.kl_ctl.value, run.step, run.history = meta["kl_coef"], meta["step"], meta["history"]
+    run.evals = meta.get("evals", [])
+    if meta.get("best") is not None:
+        run.best = {**meta["best"], "weights": {k.split("/", 1)[1]: v for k, v in weights.items()
+                                                 if k.startswith("best/")}}
 
 
 # -- evaluation and cleanup --------------------------------------------------------------------
@@ -437,10 +518,10 @@ def evaluate_policy(run: PPORun) -> dict:
         responses[role] = generate(roles.peft, run.tokenizer, prompts, **kw)
     out = {"kl": mean_token_kl(roles.peft, run.tokenizer, prompts, responses["policy"],
                                roles.roles["policy"], roles.roles["reference"])}
-    if p.scorer:
-        score = SCORERS[p.scorer]
+    if p.scorer is not None:
+        score = rewards.load_function(p.scorer)
         for role, key in (("policy", "score"), ("reference", "parent_score")):
-            out[key] = sum(map(score, map(prompt_text, prompts), responses[role])) / len(prompts)
+            out[key] = sum(rewards.score_completions(score, prompts, responses[role])) / len(prompts)
     roles.use("policy")
     return out
 
@@ -451,15 +532,19 @@ def cleanup(run: PPORun) -> AdapterRecord:
     acc.wait_for_everyone()
     if acc.is_main_process:
         last = history[-1] if history else {}
+        restore_best(run)
         metrics = {**evaluate_policy(run), "steps": run.step, "train_reward": last.get("reward"),
                    "train_kl": last.get("kl"), "kl_coef": run.kl_ctl.value}
+        if run.best is not None:
+            metrics |= {"best_step": run.best["step"], "best_eval_score": run.best["eval_score"]}
 
         def extra(tmp: Path) -> None:
-            series = {k: [(h["step"], h[k]) for h in history] for k in CURVES}
-            plot_curves(tmp / "ppo.png", series, "PPO")
+            points = {k: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
+            points["eval_score"] = [(e["step"], e["eval_score"]) for e in run.evals]
+            plot_curves(tmp / "ppo.png", {CURVES[k]: v for k, v in points.items()}, "PPO")
             (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
-        save_stage_artifact(run.config, {**run.manifest, "metrics": metrics},
+        save_stage_artifact(run.config, {**run.manifest, "metrics": metrics, "evals": run.evals},
                             lambda tmp: save_adapter(run.roles.peft, POLICY, tmp), extra)
     acc.wait_for_everyone()
     return AdapterRecord.from_dir(run.config.output.dir)

@@ -1,0 +1,73 @@
+"""Reward functions: plain Python callables that score completions, with trl's GRPO
+reward-function signature, ``fn(prompts, completions, **kwargs) -> list[float]``.
+
+- ``prompts`` are as the data holds them: text, or a conversation (a list of messages);
+- ``completions`` follow the prompt's format: text, or ``[{"role": "assistant", "content": ...}]``.
+
+A recipe names one as ``module:function`` (imported from the user's environment: the user
+asked for that code by naming it) or by a short name registered here (``tiny``). They serve
+as PPO's reward (``ppo.reward``, instead of a reward adapter) and as the ground-truth scorer of
+held-out prompts (``ppo.scorer``, ``dpo.scorer``). In Python the callable itself may be given.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from typing import Any, Callable
+
+from adapterkit.errors import ConfigError
+
+RewardFunction = Callable[..., list]
+
+# short names -> "module:function"; a task plugs its scorer in by adding a line here
+NAMED: dict[str, str] = {"tiny": "adapterkit.tiny:reward"}
+_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def is_function_ref(ref: Any) -> bool:
+    """A callable, a registered name, or a ``module:function`` string (not a path)."""
+    return callable(ref) or (isinstance(ref, str) and (ref in NAMED or bool(_REF.fullmatch(ref))))
+
+
+def describe(ref: Any) -> str:
+    """How a reference is written in a config or manifest."""
+    if callable(ref):
+        return f"{getattr(ref, '__module__', '?')}:{getattr(ref, '__qualname__', repr(ref))}"
+    return str(ref)
+
+
+def load_function(ref: str | RewardFunction) -> RewardFunction:
+    """The callable a reference names."""
+    if callable(ref):
+        return ref
+    target = NAMED.get(ref, ref)
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"reward function {ref!r}: cannot import {target} ({err})") from None
+    if not callable(obj):
+        raise ConfigError(f"reward function {ref!r}: {target} is not callable")
+    return obj
+
+
+def completion_like(prompt, text: str):
+    """A generated text in the prompt's format: a one-message assistant turn for a conversation."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def score_completions(fn: RewardFunction, prompts: list, texts: list[str]) -> list[float]:
+    """Call ``fn`` on generated texts; one finite float per prompt, or a clear error."""
+    out = fn(prompts=list(prompts), completions=[completion_like(p, t) for p, t in zip(prompts, texts)])
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward function {describe(fn)}: must return a list of numbers, got "
+                          f"{type(out).__name__}") from None
+    if len(values) != len(prompts) or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"reward function {describe(fn)}: returned {len(values)} values for "
+                          f"{len(prompts)} completions, or a value that is not finite")
+    return values

@@ -1,0 +1,67 @@
+"""Reward functions (trl's GRPO signature): names, module:function refs, and the checks on
+what they return; and their use as PPO's reward and as held-out scorers in configs."""
+from __future__ import annotations
+
+import pytest
+
+from adapterkit import rewards, tiny
+from adapterkit.config import dump_config, load_config
+from adapterkit.errors import ConfigError
+
+
+def constant(prompts, completions, **kwargs):
+    return [0.5] * len(prompts)
+
+
+def test_a_name_and_a_module_function_load_the_same_callable():
+    assert rewards.load_function("tiny") is tiny.reward
+    assert rewards.load_function("adapterkit.tiny:reward") is tiny.reward
+    assert rewards.load_function(constant) is constant
+
+
+def test_completions_follow_the_prompt_format():
+    chat = [{"role": "user", "content": "flip: hot up"}]
+    assert rewards.score_completions(tiny.reward, [chat, "flip: hot up"], ["cold down", "cold up"]) == [1.0, 0.5]
+    seen = {}
+
+    def spy(prompts, completions, **kwargs):
+        seen["completions"] = completions
+        return [0.0] * len(prompts)
+    rewards.score_completions(spy, [chat, "text prompt"], ["a", "b"])
+    assert seen["completions"] == [[{"role": "assistant", "content": "a"}], "b"]
+
+
+@pytest.mark.parametrize("ref, match", [
+    ("no_such_module_xyz:fn", "cannot import"),
+    ("adapterkit.tiny:no_such_function", "cannot import"),
+    ("adapterkit.tiny:WORDS", "not callable"),
+])
+def test_bad_references_are_one_clear_error(ref, match):
+    with pytest.raises(ConfigError, match=match):
+        rewards.load_function(ref)
+
+
+@pytest.mark.parametrize("returned", [None, [0.1], [1.0, float("nan")], ["high", "low"]])
+def test_a_function_returning_the_wrong_thing_is_named(returned):
+    with pytest.raises(ConfigError, match="reward function"):
+        rewards.score_completions(lambda prompts, completions: returned, ["a", "b"], ["x", "y"])
+
+
+def test_config_takes_functions_for_reward_and_scorer_and_writes_them_as_text():
+    config = load_config("ppo", "tiny_ppo", ["ppo.reward=adapterkit.tiny:reward", "ppo.scorer=tiny"])
+    assert rewards.is_function_ref(config.ppo.reward) and config.ppo.value_init is None
+    config.ppo.reward = constant  # the Python API: the callable itself
+    assert f"reward: {__name__}:constant" in dump_config(config)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["ppo.reward=adapterkit.tiny:reward", "ppo.value_init=reward"], "value_init=fresh"),
+    (["ppo.scorer=not a function"], "ppo.scorer"),
+    (["dpo.scorer=runs/tiny/reward"], "dpo.scorer"),
+    (["ppo.keep_best=true"], "eval_every"),
+    (["ppo.patience=2", "ppo.eval_every=2", "data.eval=null"], "eval_every"),
+])
+def test_config_refuses_what_cannot_work(overrides, match):
+    stage = "dpo" if overrides[0].startswith("dpo.") else "ppo"
+    with pytest.raises(ConfigError, match=match):
+        load_config(stage, f"tiny_{stage}", overrides)
