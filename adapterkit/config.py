@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from adapterkit.errors import ConfigError
 
 Quantization = Literal["nf4", "int8", "none"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Section(BaseModel):
@@ -28,7 +28,7 @@ class BaseSection(Section):
     name: str = "tiny"  # hub name, local directory, or "tiny" (the embedded default)
     revision: str | None = None
     quantization: Quantization = "nf4"
-    compute_dtype: DType = "float32"
+    compute_dtype: DType = "auto"  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU (quant.resolve_dtype)
     double_quant: bool = True
     trust_remote_code: bool = False
 
