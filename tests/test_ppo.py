@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_jsonl
+from helpers import assert_close, load_nf4, tol
 
 
 def ppo_config(sft_adapter, reward_adapter, out, *overrides):
@@ -20,18 +21,13 @@ def ppo_config(sft_adapter, reward_adapter, out, *overrides):
 def vanilla_stack(tiny_dir, adapters: dict):
     """base (4-bit) + named adapters, all active, loaded with plain transformers + peft."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from adapterkit.quant import keep_compute_dtype
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "base"), quantization_config=nf4,
-                                                 dtype=torch.float32)
+    from transformers import AutoModelForCausalLM
+    model = load_nf4(AutoModelForCausalLM, tiny_dir / "base")  # as load_model leaves the shared base
     (first, path), *rest = adapters.items()
     model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
     for name, path in rest:
         model.load_adapter(str(path), adapter_name=name)
     model.base_model.set_adapter(list(adapters))
-    keep_compute_dtype(model)  # the same 4-bit kernel as training (not bnb's bf16 repacking)
     return model.eval()
 
 
@@ -106,7 +102,7 @@ def test_step0_policy_is_the_parent_and_values_are_rewards(ppo_run, sft_adapter,
     vanilla = vanilla_stack(tiny_dir, {"sft": sft_adapter.path})
     with torch.no_grad():
         expected = vanilla(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
-    assert torch.allclose(reference, expected / ppo_run.config.ppo.temperature, atol=1e-4)
+    assert_close(reference, expected.float() / ppo_run.config.ppo.temperature, cpu=1e-4, cuda=5e-2)
     roles = ppo_run.roles
     assert torch.equal(roles.value_head.weight, roles.scorer.head.float())
 
@@ -123,8 +119,9 @@ def test_sampled_logprobs_are_those_of_a_training_forward(ppo_run):
     sampled = ro.response_mask.bool()
     assert sampled.sum() > 8 and ro.logprobs.shape == ro.entropy.shape == sampled.shape
     expected = gather_logprobs(logits, ro.ids[:, -ro.n_resp:])
-    assert torch.allclose(ro.logprobs[sampled], expected[sampled], atol=1e-4)
-    assert torch.allclose(ro.entropy[sampled], entropy_from_logits(logits)[sampled], atol=1e-4)
+    # GPU: generate's cached bf16 steps vs one full bf16 forward
+    assert torch.allclose(ro.logprobs[sampled], expected[sampled], atol=tol(cpu=1e-4, cuda=0.1))
+    assert torch.allclose(ro.entropy[sampled], entropy_from_logits(logits)[sampled], atol=tol(cpu=1e-4, cuda=0.1))
 
 
 def test_ppo_beats_its_parent_under_the_ground_truth(trained):
@@ -160,7 +157,7 @@ def test_vanilla_peft_reload_reproduces_the_policy(trained, sft_adapter, tiny_di
     model = vanilla_stack(tiny_dir, {"sft": sft_adapter.path, "ppo": record.path})
     with torch.no_grad():
         reloaded = model(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
-    assert torch.allclose(reloaded / record.manifest["recipe"]["ppo"]["temperature"], logits, atol=1e-4)
+    assert_close(reloaded.float() / record.manifest["recipe"]["ppo"]["temperature"], logits, cpu=1e-4, cuda=5e-2)
 
 
 # -- checkpoint and resume -----------------------------------------------------------------------
@@ -191,9 +188,9 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(sft_adapter, reward_adap
     straight = setup(small(sft_adapter, reward_adapter, tmp_path / "c", "train.max_steps=2"))
     train(straight)
     a, b = policy_weights(resumed), policy_weights(straight)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert resumed.history[1]["reward"] == pytest.approx(straight.history[1]["reward"], abs=1e-5)
-    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value)
+    assert all(torch.allclose(a[k], b[k], atol=tol(cpu=1e-6, cuda=1e-3)) for k in a)
+    assert resumed.history[1]["reward"] == pytest.approx(straight.history[1]["reward"], abs=tol(cpu=1e-5, cuda=1e-2))
+    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value, rel=tol(cpu=1e-6, cuda=1e-2))
 
 
 # -- config --------------------------------------------------------------------------------------
