@@ -6,14 +6,10 @@ there. Every CUDA tolerance is named at the assertion that uses it.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the stages put models
 ON_CUDA = DEVICE.type == "cuda"
-
-cpu_only = pytest.mark.skipif(ON_CUDA, reason="expects CPU-specific numbers (fp32 CPU kernels); "
-                                              "the suite is on CUDA here")
 
 
 def tol(cpu: float, cuda: float) -> float:
