@@ -67,7 +67,7 @@ for step in ${STEPS:-versions cuda suite quickstart sft dpo ppo}; do
   case $step in
     versions)   run versions 60 "" -- bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
                   $PY -c 'import torch,transformers,peft,trl,bitsandbytes as b; print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__version__, trl.__version__, b.__version__)'";;
-    cuda)       run cuda 240 "" -- "$PY" -m pytest -q -p no:cacheprovider -m cuda -rA tests/test_cuda.py;;
+    cuda)       run cuda 360 "" -- "$PY" -m pytest -q -p no:cacheprovider -m cuda -rA tests/test_cuda.py;;
     suite)      run suite 420 "" -- "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfEs -m "not cuda";;
     quickstart) run quickstart 240 "$scratch/quickstart.json" -- bash -c \
                   "$PY -m adapterkit quickstart --out '$scratch/qs' --quiet --json > '$scratch/quickstart.json'";;
