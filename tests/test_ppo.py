@@ -70,7 +70,7 @@ def test_one_base_copy_with_every_role_on_it(ppo_run, tiny_dir):
     from adapterkit.base import load_model
     roles = ppo_run.roles
     base = {n: p for n, p in roles.named_parameters() if "lora_" not in n and not n.startswith("value_head")}
-    fresh = load_model(ppo_run.config.base, "cpu")
+    fresh = load_model(ppo_run.config.base)  # on the device the run uses
     assert sum(p.numel() for p in base.values()) == sum(p.numel() for p in fresh.parameters())
     assert len(base) == len(list(fresh.parameters()))
     assert len({p.data_ptr() for p in base.values()}) == len(base)  # no tensor shared or duplicated
