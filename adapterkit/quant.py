@@ -27,7 +27,8 @@ def resolve_dtype(name: str, device) -> torch.dtype:
         return DTYPES[name]
     if torch.device(device).type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # not counting emulation: torch reports bf16 on a T4 (sm_75), where it is emulated and slow
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype = torch.float32,

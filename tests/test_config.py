@@ -88,8 +88,11 @@ def test_auto_resolves_by_device(monkeypatch):
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolve_dtype("float32", "cuda") == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or True)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_dtype("auto", "cuda:0") == torch.float16
+    assert asked == [False, False]  # native bf16 only: emulated bf16 (e.g. a T4) gets fp16

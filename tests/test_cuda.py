@@ -19,7 +19,7 @@ QUICK = ["train.progress=false", "train.max_steps=3"]
 
 
 def expected_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def quantized(model):
