@@ -68,17 +68,19 @@ def release_freed_memory(device) -> None:
 
 
 def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
-    """The base causal LM, quantized as the section says, on CUDA when present.
+    """The base causal LM, quantized as the section says, on CUDA when present, in the
+    section's compute dtype as resolved for that device (``quant.resolve_dtype``).
 
     ``num_labels`` loads it as a sequence classifier instead (a reward model: 1)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     device = device or default_device()
-    qconfig = quant.bnb_config(section.quantization, section.compute_dtype, section.double_quant)
+    dtype = quant.resolve_dtype(section.compute_dtype, device)
+    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant)
     auto, extra = ((AutoModelForCausalLM, {}) if num_labels is None
                    else (AutoModelForSequenceClassification, {"num_labels": num_labels}))
     model = auto.from_pretrained(
         resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
-        dtype=quant.DTYPES[section.compute_dtype], device_map={"": device},
+        dtype=dtype, device_map={"": device},
         trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)

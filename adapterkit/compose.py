@@ -26,8 +26,9 @@ from adapterkit.base import fingerprint, load_adapters, load_model, load_tokeniz
 from adapterkit.config import BaseSection
 from adapterkit.data import template_hash
 from adapterkit.errors import AdapterkitError, CompatibilityError
-from adapterkit.evaluate import left_pad, prompt_ids
+from adapterkit.evaluate import prompt_ids
 from adapterkit.registry import Entry, Profile, Registry, RegistryError
+from adapterkit.tokens import left_pad, model_device
 
 log = logging.getLogger("adapterkit")
 
@@ -187,7 +188,7 @@ def prompt_logits(model, tokenizer, prompts: list, adapters: list[str] | None = 
     """One (T, V) fp32 logits tensor per prompt, unpadded, with ``adapters`` active."""
     if adapters is not None:
         set_active(model, adapters)
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     for p in prompts:
         ids = torch.tensor([prompt_ids(tokenizer, as_chat(tokenizer, p))], device=device)  # (1, T)
@@ -535,17 +536,16 @@ class Server:
 
     def _batch(self, prompts: list, keys: list, max_new_tokens: int) -> list[str]:
         model, tok = self.loaded.model, self.loaded.tokenizer
-        ids, mask = left_pad([prompt_ids(tok, as_chat(tok, p)) for p in prompts], tok.pad_token_id)  # (B, T)
+        ids, mask = left_pad([prompt_ids(tok, as_chat(tok, p)) for p in prompts], tok.pad_token_id,
+                             model_device(model))  # (B, T)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, use_cache=True)
-        device = next(model.parameters()).device
         if len(set(keys)) == 1 and keys[0] is not None:  # one profile: served as it says
             set_active(model, self.stacks[keys[0]])
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         else:
             rows = [self.adapter_for_row(k) for k in keys]
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 adapter_names=rows, **kwargs)
+            gen = model.generate(input_ids=ids, attention_mask=mask, adapter_names=rows, **kwargs)
         return tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -19,7 +19,7 @@ from adapterkit import rewards
 from adapterkit.errors import ConfigError
 
 Quantization = Literal["nf4", "int8", "none"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def _function_ref(value):
@@ -43,7 +43,7 @@ class BaseSection(Section):
     name: str = "tiny"  # hub name, local directory, or "tiny" (the embedded default)
     revision: str | None = None
     quantization: Quantization = "nf4"
-    compute_dtype: DType = "float32"
+    compute_dtype: DType = "auto"  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU (quant.resolve_dtype)
     double_quant: bool = True
     trust_remote_code: bool = False
 

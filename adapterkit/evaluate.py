@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from adapterkit.tokens import completion_batch, left_pad, model_device
+
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
     """A prompt (messages or text) as token ids, ending where the assistant starts."""
@@ -12,29 +14,18 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, padded on the left for generation."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int = 16, batch_size: int = 32,
              do_sample: bool = False, **generate_kwargs) -> list[str]:
     """Greedy (by default) responses, decoded without special tokens."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad([prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]],
-                             tokenizer.pad_token_id)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             tokenizer.pad_token_id, device)
+        gen = model.generate(input_ids=ids, attention_mask=mask,
                              max_new_tokens=max_new_tokens, do_sample=do_sample,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              use_cache=True, **generate_kwargs)
@@ -68,25 +59,18 @@ def split_ids(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
     return full[:n], full[n:]
 
 
-def completion_batches(tokenizer, prompts: list, completions: list, batch_size: int):
-    """Yields right-padded (ids, attention mask, completion mask), each (B, T)."""
+def completion_batches(tokenizer, prompts: list, completions: list, batch_size: int, device):
+    """Yields right-padded (ids, attention mask, completion mask), each (B, T), on ``device``."""
     for i in range(0, len(prompts), batch_size):
         pairs = [split_ids(tokenizer, p, c) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask, comp = torch.zeros_like(ids), torch.zeros_like(ids)
-        for j, (p, c) in enumerate(pairs):
-            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[j, :len(p) + len(c)] = 1
-            comp[j, len(p):len(p) + len(c)] = 1
-        yield ids, mask, comp
+        yield completion_batch(pairs, tokenizer.pad_token_id, device)
 
 
 def _token_logprobs(model, ids, mask):
-    """(B, T) -> next-token log-distributions (B, T-1, V), fp32."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+    """(B, T) -> next-token log-distributions (B, T-1, V), fp32, on the model's device (callers
+    reduce them there and move only the small result)."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
 @torch.no_grad()
@@ -94,10 +78,10 @@ def completion_logps(model, tokenizer, prompts: list, completions: list, batch_s
     """log pi(completion | prompt) summed over the completion's tokens, (N,), with the adapters
     that are switched on now."""
     out = []
-    for ids, mask, comp in completion_batches(tokenizer, prompts, completions, batch_size):
+    for ids, mask, comp in completion_batches(tokenizer, prompts, completions, batch_size, model_device(model)):
         logp = _token_logprobs(model, ids, mask)                               # (B, T-1, V)
         taken = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)                  # (B, T-1)
-        out.append((taken * comp[:, 1:]).sum(-1))                              # (B,)
+        out.append((taken * comp[:, 1:]).sum(-1).cpu())                        # (B,)
     return torch.cat(out)
 
 
@@ -108,7 +92,7 @@ def mean_token_kl(model, tokenizer, prompts: list, responses: list, policy: list
     at the positions of ``responses`` (usually the policy's own). Adapters are named lists."""
     from adapterkit.base import use_adapters
     total, count = 0.0, 0
-    for ids, mask, comp in completion_batches(tokenizer, prompts, responses, batch_size):
+    for ids, mask, comp in completion_batches(tokenizer, prompts, responses, batch_size, model_device(model)):
         with use_adapters(model, policy):
             logp = _token_logprobs(model, ids, mask)                           # (B, T-1, V)
         with use_adapters(model, reference):

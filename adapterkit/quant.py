@@ -15,17 +15,32 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from transformers import BitsAndBytesConfig  # noqa: E402  (after the logger is quieted)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def bnb_config(quantization: str, compute_dtype: str = "float32",
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """``base.compute_dtype`` as the dtype the base computes in on ``device``; the one place
+    ``auto`` is decided. auto: bf16 on a CUDA card that supports it (Ampere and later), fp16
+    on an older one, fp32 anywhere else (CPU: bnb's 4-bit CPU kernels and the tests' exact
+    comparisons are fp32)."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    # not counting emulation: torch reports bf16 on a T4 (sm_75), where it is emulated and slow
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype = torch.float32,
                double_quant: bool = True) -> BitsAndBytesConfig | None:
-    """nf4: 4-bit NormalFloat with double quantization (QLoRA); int8: LLM.int8(); none."""
+    """nf4: 4-bit NormalFloat with double quantization (QLoRA); int8: LLM.int8(); none.
+    ``compute_dtype``: a resolved dtype (``resolve_dtype``), never ``auto``."""
     if quantization == "none":
         return None
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=DTYPES[compute_dtype])
+                                  bnb_4bit_compute_dtype=compute_dtype)
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"unknown quantization {quantization!r}")
@@ -72,13 +87,14 @@ def keep_compute_dtype(model: torch.nn.Module) -> int:
     ``bnb_4bit_compute_dtype`` says. Logits then differ from training's (dequantize, then
     matmul in the compute dtype) by ~1e-2, and a merge or export cannot be checked against
     them. This switches that path off for fp32 layers (layers already repacked are unpacked,
-    keeping the bf16-rounded absmax)."""
+    keeping the bf16-rounded absmax). Layers on a GPU are left alone: the repacking is CPU-only."""
     import bitsandbytes as bnb
     if not hasattr(bnb.functional, "_convert_weight_packed_for_cpu_inverse"):
         return 0  # a bitsandbytes without the CPU repacking: nothing to undo
     changed = 0
     for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit) or module.compute_dtype not in (None, torch.float32):
+        if (not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu"
+                or module.compute_dtype not in (None, torch.float32)):
             continue
         module.support_avx512bf16_for_cpu = False
         state = module.weight.quant_state

@@ -46,7 +46,8 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
     from adapterkit.config import load_config
     from adapterkit.stages.dpo import setup_dpo
     config = load_config("dpo", "tiny_dpo", [
-        f"base.name={base}", "dpo.parent=[]", "dpo.sft_weight=0", f"dpo.beta={BETA}", "dpo.prompts=null",
+        f"base.name={base}", "base.compute_dtype=float32",  # fp32 compute, as the peer's load_nf4
+        "dpo.parent=[]", "dpo.sft_weight=0", f"dpo.beta={BETA}", "dpo.prompts=null",
         "dpo.scorer=null", "data.eval=null", f"data.max_length={MAX_LENGTH}", f"train.max_steps={steps}",
         f"train.batch_size={batch}", f"train.learning_rate={LR}", f"lora.r={LORA['r']}",
         f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false", f"output.dir={scratch()}"])

@@ -38,7 +38,7 @@ def random_adapters(root: Path, n: int = 4) -> tuple[Registry, list[str]]:
     from adapterkit.base import fingerprint, load_base
     from adapterkit.config import BaseSection
     from adapterkit.data import template_hash
-    section = BaseSection(name="tiny")
+    section = BaseSection(name="tiny", compute_dtype="float32")  # as the manifests below say
     reg = Registry.open(root / "adapters")
     for i in range(n):
         model, tok = load_base(section)

@@ -73,7 +73,8 @@ def run_adapterkit(base: str, reward: str, prompts: str, steps: int) -> dict:
     from adapterkit.stages.ppo import setup, train_step
     s = SETTINGS
     config = load_config("ppo", "tiny_ppo", [
-        f"base.name={base}", "ppo.parent=[]", f"ppo.reward={reward}", "ppo.value_init=reward",
+        f"base.name={base}", "base.compute_dtype=float32",  # fp32 compute, as the peer's
+        "ppo.parent=[]", f"ppo.reward={reward}", "ppo.value_init=reward",
         f"data.train={prompts}", "data.eval=null", "ppo.scorer=null", f"train.max_steps={steps}",
         f"ppo.rollout_batch_size={s['rollout']}", f"train.batch_size={s['micro_batch']}",
         f"train.grad_accum={s['grad_accum']}", f"ppo.ppo_epochs={s['ppo_epochs']}",

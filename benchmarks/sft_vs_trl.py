@@ -37,7 +37,9 @@ def run_adapterkit(base: str, steps: int, batch: int) -> dict:
     from adapterkit.config import load_config
     from adapterkit.stages.sft import setup_sft
     config = load_config("sft", "tiny_sft", [
-        f"base.name={base}", "data.eval=null", f"train.max_steps={steps}", f"train.batch_size={batch}",
+        f"base.name={base}", "base.compute_dtype=float32",  # fp32 compute, as the peer's
+        "data.eval=null", f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}", "train.progress=false",
         "train.gradient_checkpointing=false", f"output.dir={scratch()}"])
     run = setup_sft(config)

@@ -16,9 +16,12 @@ from adapterkit.compose import (MergeSpec, Server, base_section, export_loaded, 
                                 load_stack, merge_loaded, prompt_logits, save_merged, set_profile)
 from adapterkit.errors import CompatibilityError, IntegrityError
 from adapterkit.registry import Registry, RegistryError
+from helpers import ON_CUDA, tol
 
 PROMPTS = ["flip: hot up", "flip: big wet fast", "What is 2 + 2?"]
-TOL = 1e-4
+# "exact" is exact up to fp32 rounding on CPU; on a GPU the stack computes in bf16 (auto), and
+# two exact routes to the same sum round differently there
+TOL = tol(cpu=1e-4, cuda=0.25)
 
 
 def fresh_base(manifest):
@@ -81,7 +84,7 @@ def test_entries_load_with_vanilla_peft(reg, sft_adapter, loaded):
         model = PeftModel.from_pretrained(fresh_base(entry.manifest), str(entry.path)).eval()
         ours = prompt_logits(loaded.model, loaded.tokenizer, PROMPTS[:1], [name])
         theirs = prompt_logits(model, loaded.tokenizer, PROMPTS[:1])
-        assert max_gap(ours, theirs) < 1e-5
+        assert max_gap(ours, theirs) < tol(cpu=1e-5, cuda=TOL)
 
 
 def test_stack_warns_about_different_target_modules(loaded):
@@ -126,7 +129,8 @@ def test_fp32_export_reproduces_the_stack(loaded, stacked, tmp_path):
     manifest = json.loads((tmp_path / "export" / MANIFEST).read_text())
     assert manifest["kind"] == "export" and "model.safetensors" in manifest["files"]
     bf16 = export_loaded(loaded, tmp_path / "export16", "bfloat16", PROMPTS)  # reports what bf16 costs
-    assert bf16.max_logit_diff > report.max_logit_diff
+    if not ON_CUDA:  # against an fp32 stack; a bf16 (GPU) stack is no closer to the fp32 export
+        assert bf16.max_logit_diff > report.max_logit_diff
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export16").dtype == torch.bfloat16
 
 

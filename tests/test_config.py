@@ -68,3 +68,31 @@ def test_every_shipped_recipe_opens_with_its_command_and_validates():
         stage = yaml.safe_load(text)["stage"]
         if stage in STAGE_CONFIGS:
             load_config(stage, name)
+
+
+def test_compute_dtype_defaults_to_auto_in_every_shipped_recipe():
+    from adapterkit.config import STAGE_CONFIGS, BaseSection
+    import yaml
+    assert BaseSection().compute_dtype == "auto"
+    for name in shipped_recipes():
+        raw = yaml.safe_load(recipe_path(name).read_text())
+        if raw["stage"] in STAGE_CONFIGS:
+            assert load_config(raw["stage"], name).base.compute_dtype == "auto", name
+
+
+def test_auto_resolves_by_device(monkeypatch):
+    """auto: fp32 on CPU (so CPU runs are what they were), bf16 on a CUDA card with bf16,
+    fp16 on one without; explicit names are taken as they are."""
+    import torch
+    from adapterkit.quant import resolve_dtype
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float32", "cuda") == torch.float32
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or True)
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda:0") == torch.float16
+    assert asked == [False, False]  # native bf16 only: emulated bf16 (e.g. a T4) gets fp16

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_jsonl
+from helpers import assert_close, load_nf4, tol
 
 
 # Margins over the SFT parent's held-out score that hold for tiny bases from seeds 0-4 (each
@@ -25,18 +26,13 @@ def ppo_config(sft_adapter, reward_adapter, out, *overrides):
 def vanilla_stack(tiny_dir, adapters: dict):
     """base (4-bit) + named adapters, all active, loaded with plain transformers + peft."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from adapterkit.quant import keep_compute_dtype
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "base"), quantization_config=nf4,
-                                                 dtype=torch.float32)
+    from transformers import AutoModelForCausalLM
+    model = load_nf4(AutoModelForCausalLM, tiny_dir / "base")  # as load_model leaves the shared base
     (first, path), *rest = adapters.items()
     model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
     for name, path in rest:
         model.load_adapter(str(path), adapter_name=name)
     model.base_model.set_adapter(list(adapters))
-    keep_compute_dtype(model)  # the same 4-bit kernel as training (not bnb's bf16 repacking)
     return model.eval()
 
 
@@ -79,7 +75,7 @@ def test_one_base_copy_with_every_role_on_it(ppo_run, tiny_dir):
     from adapterkit.base import load_model
     roles = ppo_run.roles
     base = {n: p for n, p in roles.named_parameters() if "lora_" not in n and not n.startswith("value_head")}
-    fresh = load_model(ppo_run.config.base, "cpu")
+    fresh = load_model(ppo_run.config.base)  # on the device the run uses
     assert sum(p.numel() for p in base.values()) == sum(p.numel() for p in fresh.parameters())
     assert len(base) == len(list(fresh.parameters()))
     assert len({p.data_ptr() for p in base.values()}) == len(base)  # no tensor shared or duplicated
@@ -111,7 +107,7 @@ def test_step0_policy_is_the_parent_and_values_are_rewards(ppo_run, sft_adapter,
     vanilla = vanilla_stack(tiny_dir, {"sft": sft_adapter.path})
     with torch.no_grad():
         expected = vanilla(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
-    assert torch.allclose(reference, expected / ppo_run.config.ppo.temperature, atol=1e-4)
+    assert_close(reference, expected.float() / ppo_run.config.ppo.temperature, cpu=1e-4, cuda=5e-2)
     roles = ppo_run.roles
     assert torch.equal(roles.value_head.weight, roles.scorer.head.float())
 
@@ -128,8 +124,9 @@ def test_sampled_logprobs_are_those_of_a_training_forward(ppo_run):
     sampled = ro.response_mask.bool()
     assert sampled.sum() > 8 and ro.logprobs.shape == ro.entropy.shape == sampled.shape
     expected = gather_logprobs(logits, ro.ids[:, -ro.n_resp:])
-    assert torch.allclose(ro.logprobs[sampled], expected[sampled], atol=1e-4)
-    assert torch.allclose(ro.entropy[sampled], entropy_from_logits(logits)[sampled], atol=1e-4)
+    # GPU: generate's cached bf16 steps vs one full bf16 forward
+    assert torch.allclose(ro.logprobs[sampled], expected[sampled], atol=tol(cpu=1e-4, cuda=0.1))
+    assert torch.allclose(ro.entropy[sampled], entropy_from_logits(logits)[sampled], atol=tol(cpu=1e-4, cuda=0.1))
 
 
 def test_ppo_beats_its_parent_under_the_ground_truth(trained):
@@ -165,7 +162,7 @@ def test_vanilla_peft_reload_reproduces_the_policy(trained, sft_adapter, tiny_di
     model = vanilla_stack(tiny_dir, {"sft": sft_adapter.path, "ppo": record.path})
     with torch.no_grad():
         reloaded = model(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
-    assert torch.allclose(reloaded / record.manifest["recipe"]["ppo"]["temperature"], logits, atol=1e-4)
+    assert_close(reloaded.float() / record.manifest["recipe"]["ppo"]["temperature"], logits, cpu=1e-4, cuda=5e-2)
 
 
 # -- reward functions, held-out evaluation, best policy -------------------------------------------
@@ -246,9 +243,9 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(sft_adapter, reward_adap
     straight = setup(small(sft_adapter, reward_adapter, tmp_path / "c", "train.max_steps=2"))
     train(straight)
     a, b = policy_weights(resumed), policy_weights(straight)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert resumed.history[1]["reward"] == pytest.approx(straight.history[1]["reward"], abs=1e-5)
-    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value)
+    assert all(torch.allclose(a[k], b[k], atol=tol(cpu=1e-6, cuda=1e-3)) for k in a)
+    assert resumed.history[1]["reward"] == pytest.approx(straight.history[1]["reward"], abs=tol(cpu=1e-5, cuda=1e-2))
+    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value, rel=tol(cpu=1e-6, cuda=1e-2))
 
 
 # -- config --------------------------------------------------------------------------------------

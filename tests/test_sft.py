@@ -4,6 +4,7 @@ import torch
 from safetensors import safe_open
 
 from adapterkit.config import load_config
+from helpers import DEVICE, load_nf4, tol
 
 
 def base_state(model):
@@ -55,26 +56,21 @@ def test_artifact_holds_only_adapter_weights_and_a_manifest(sft_adapter):
 
 def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from adapterkit.base import load_adapters, load_base
     config = load_config("sft", sft_adapter.path / "config.yaml")
     ours, tok = load_base(config.base)
     ours, _ = load_adapters(ours, [sft_adapter.path])
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "base", quantization_config=bnb, device_map={"": "cpu"})
-    plain = PeftModel.from_pretrained(plain, str(sft_adapter.path))
-    # bitsandbytes 0.50 on AVX512-BF16 CPUs switches eval to a bf16 kernel (~3e-2 off);
-    # compare the same 4-bit kernel that adapterkit trains and evaluates with.
-    from adapterkit.quant import keep_compute_dtype
-    keep_compute_dtype(plain)
+    # bitsandbytes 0.50 on AVX512-BF16 CPUs switches eval to a bf16 kernel (~3e-2 off); load_nf4
+    # keeps the same 4-bit kernel that adapterkit trains and evaluates with.
+    plain = PeftModel.from_pretrained(load_nf4(AutoModelForCausalLM, tiny_dir / "base"), str(sft_adapter.path))
     ids = AutoTokenizer.from_pretrained(tiny_dir / "base").apply_chat_template(
         [{"role": "user", "content": "flip: hot up big"}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True)["input_ids"]
+        return_dict=True)["input_ids"].to(DEVICE)
     ours.eval(); plain.eval()
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
-    assert (a - b).abs().max().item() < 1e-5
+    assert (a - b).abs().max().item() < tol(cpu=1e-5, cuda=1e-2)  # the same bf16 kernels on a GPU
     with torch.no_grad(), plain.disable_adapter():
         bare = plain(input_ids=ids).logits
     assert (a - bare).abs().max().item() > 1e-3  # the adapter really changes the output

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from adapterkit.artifact import read_manifest, write_artifact
-from adapterkit.base import fingerprint
+from adapterkit.base import default_device, fingerprint
 from adapterkit.config import StageConfig, dump_config
 from adapterkit.data import template_hash
 
@@ -34,9 +34,13 @@ class AdapterRecord:
 
 
 def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:
-    """The TrainingArguments fields every stage sets the same way."""
+    """The TrainingArguments fields every stage sets the same way. A bf16 or fp16 compute dtype
+    on a GPU turns on the trainer's autocast (fp16 with its loss scaler) over fp32 adapter
+    weights (``keep_adapters_fp32``); on CPU the stages compute in the base's own dtype."""
+    from adapterkit.quant import resolve_dtype
     t = config.train
     cpu = not torch.cuda.is_available()
+    dtype = resolve_dtype(config.base.compute_dtype, default_device())
     return dict(
         output_dir=run_dir, per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -44,8 +48,7 @@ def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="no",
         report_to="none", seed=t.seed, data_seed=t.seed, disable_tqdm=not t.progress,
-        use_cpu=cpu, bf16=config.base.compute_dtype == "bfloat16" and not cpu,
-        fp16=config.base.compute_dtype == "float16" and not cpu,
+        use_cpu=cpu, bf16=dtype == torch.bfloat16 and not cpu, fp16=dtype == torch.float16 and not cpu,
         gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
         dataloader_num_workers=0,
     )
@@ -59,22 +62,32 @@ def quiet_trainer(trainer, config: StageConfig) -> None:
         trainer.remove_callback(PrinterCallback)
 
 
-def keep_adapter_dtype(model, compute_dtype: str) -> None:
-    """trl casts LoRA weights to bf16 on quantized bases (QLoRA's recipe on GPU). In an fp32
-    run that loses small updates, so the trainable weights follow ``base.compute_dtype``."""
-    from adapterkit.quant import DTYPES
-    dtype = DTYPES[compute_dtype]
+def keep_adapters_fp32(model) -> None:
+    """Trainable weights (LoRA, a reward head) are fp32 master weights, whatever the compute dtype.
+
+    trl 1.16 casts them to bf16 on a quantized base (the QLoRA paper's setting). We undo that:
+    AdamW's updates to a LoRA weight are often below bf16's resolution (8 bits of mantissa) and
+    would be rounded away; fp16 training needs fp32 weights for its loss scaler anyway; and on
+    CPU (fp32 compute) nothing may change. The cost is small: adapters are <1% of the base.
+    On a GPU the forward runs in bf16/fp16 under the trainer's autocast (``trainer_kwargs``)
+    and peft casts activations to the adapter's dtype and back, so the 4-bit base still
+    computes in ``base.compute_dtype``."""
     for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
 
 
 def base_manifest(config: StageConfig, model, tokenizer, parent: list[dict] | None = None) -> dict:
+    """The manifest's common part; ``base.compute_dtype`` is the dtype this run resolved (the
+    recipe beside it keeps what was asked, e.g. ``auto``)."""
+    from adapterkit.quant import DTYPE_NAMES, resolve_dtype
+    from adapterkit.tokens import model_device
+    dtype = DTYPE_NAMES[resolve_dtype(config.base.compute_dtype, model_device(model))]
     return {
         "name": config.output.name or config.stage, "version": None, "stage": config.stage,
         "domain": config.output.domain, "tags": list(config.output.tags),
         "base": {"source": config.base.name, "fingerprint": fingerprint(model, tokenizer),
-                 "quantization": config.base.quantization, "compute_dtype": config.base.compute_dtype},
+                 "quantization": config.base.quantization, "compute_dtype": dtype},
         "chat_template_sha256": template_hash(tokenizer),
         "parent": parent or [],
         "recipe": config.model_dump(mode="json"),

@@ -30,8 +30,9 @@ from adapterkit.config import DPOConfig
 from adapterkit.data import check_chat_contract, load_data
 from adapterkit.evaluate import completion_logps, generate, mean_token_kl
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype, quiet_trainer,
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, quiet_trainer,
                                       run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.tokens import to_device
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -136,7 +137,7 @@ def precompute_reference(trainer, batch_size: int) -> None:
                         collate_fn=trainer.data_collator)
     chosen, rejected = [], []
     for batch in loader:
-        batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+        batch = to_device(batch, trainer.model)
         c, r = trainer.compute_ref_log_probs(trainer.model, batch)
         chosen += c.float().cpu().tolist()
         rejected += r.float().cpu().tolist()
@@ -189,7 +190,7 @@ def setup_dpo(config: DPOConfig) -> DPORun:
                                processing_class=tokenizer)
     restore_adapters(trainer.model, saved, stack)
     quiet_trainer(trainer, config)
-    keep_adapter_dtype(trainer.model, config.base.compute_dtype)  # ``default`` follows compute_dtype
+    keep_adapters_fp32(trainer.model)  # ``default`` trains in fp32 (common.py)
     trainer.reference = stack.reference
     if d.precompute_ref_logps:
         precompute_reference(trainer, config.train.batch_size)

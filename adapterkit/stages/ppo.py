@@ -32,9 +32,10 @@ from adapterkit.base import load_model, load_parent_stack, load_tokenizer, paren
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
-from adapterkit.evaluate import generate, left_pad, mean_token_kl, prompt_ids
+from adapterkit.evaluate import generate, mean_token_kl, prompt_ids
 from adapterkit.plots import plot_curves
 from adapterkit.stages.common import AdapterRecord, base_manifest, save_stage_artifact
+from adapterkit.tokens import left_pad, model_device
 
 log = logging.getLogger("adapterkit")
 POLICY, VALUE, REWARD = "policy", "value", "reward"
@@ -119,7 +120,7 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
         head = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=VALUE).head.float()
     else:
         model.add_adapter(VALUE, lora_config(config))
-        head = torch.zeros(1, model.config.hidden_size, device=next(model.parameters()).device)
+        head = torch.zeros(1, model.config.hidden_size, device=model_device(model))
     value_head = torch.nn.Linear(head.size(1), 1, bias=False, device=head.device)
     value_head.weight.data.copy_(head)
     if config.train.gradient_checkpointing:
@@ -250,7 +251,7 @@ class SampledLogprobs:
 def rollout(run: PPORun, prompts: list[list[int]], do_sample: bool = True) -> Rollout:
     """Responses sampled from the policy (eval mode, KV cache), with their log-probs."""
     roles, tok, p = run.roles, run.tokenizer, run.config.ppo
-    ids, mask = (t.to(run.accelerator.device) for t in left_pad(prompts, tok.pad_token_id))
+    ids, mask = left_pad(prompts, tok.pad_token_id, model_device(roles.peft))
     roles.use("policy")
     roles.peft.eval()
     sampling = dict(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0) if do_sample else {
@@ -335,6 +336,8 @@ def ppo_epochs(run: PPORun, ro: Rollout, batch: dict) -> dict:
     """ppo_epochs passes over the rollouts in shuffled minibatches of batch_size * grad_accum."""
     t, acc = run.config.train, run.accelerator
     params = [q for q in run.model.parameters() if q.requires_grad]
+    # A CPU generator: the same minibatch order on every device, and after a resume; only the
+    # (B,) index tensor then moves to the rollouts' device.
     order_rng = torch.Generator().manual_seed(t.seed + run.step)
     stats = []
     for _ in range(run.config.ppo.ppo_epochs):

@@ -30,8 +30,9 @@ from adapterkit.config import BaseSection, RewardConfig
 from adapterkit.data import check_chat_contract, load_data
 from adapterkit.errors import DataError
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype, quiet_trainer,
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, quiet_trainer,
                                       run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.tokens import model_device, right_pad, to_device
 
 HEAD = "score"  # transformers' name for the sequence-classification head
 SCORES_FILE = "eval_scores.json"
@@ -51,17 +52,6 @@ def conversation_ids(tokenizer, prompt, response) -> list[int]:
     return tokenizer(text=text)["input_ids"]
 
 
-def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, padded on the right."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
 def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """(B, T) -> (B,): the rightmost non-pad token, the rule of transformers' classifiers."""
     positions = torch.arange(ids.shape[-1], device=ids.device, dtype=torch.int32)
@@ -69,11 +59,12 @@ def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_scores(score_ids, seqs: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
-    """Score token sequences in order, ``batch_size`` at a time; ``score_ids(ids, mask) -> (B,)``."""
+def batch_scores(score_ids, seqs: list[list[int]], pad_id: int, batch_size: int, device) -> list[float]:
+    """Score token sequences in order, ``batch_size`` at a time; ``score_ids(ids, mask) -> (B,)``
+    takes batches made on ``device`` (the scoring model's)."""
     out: list[float] = []
     for i in range(0, len(seqs), batch_size):
-        ids, mask = right_pad(seqs[i:i + batch_size], pad_id)
+        ids, mask = right_pad(seqs[i:i + batch_size], pad_id, device)
         out += score_ids(ids, mask).float().cpu().tolist()
     return out
 
@@ -128,8 +119,7 @@ class RewardScorer:
         for n, p in model.named_parameters():
             if f".{name}." in n:
                 p.requires_grad = False
-        device = next(model.parameters()).device
-        return cls(model, tokenizer, head.to(device), name)
+        return cls(model, tokenizer, head.to(model_device(model)), name)
 
     @classmethod
     def load(cls, adapter: str | Path, device: str | None = None, registry: str | None = None) -> "RewardScorer":
@@ -145,8 +135,8 @@ class RewardScorer:
     @torch.no_grad()
     def score_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, mask -> (B,) rewards, with only the reward adapter switched on."""
-        device = self.head.device
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = to_device((ids, mask), self.model)  # no copy when already there (PPO's rollouts)
+        device = ids.device
         backbone = self.model.get_base_model().base_model  # the decoder, without the LM head
         with use_adapters(self.model, [self.adapter]):
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
@@ -156,7 +146,8 @@ class RewardScorer:
     def score(self, prompts: list, responses: list) -> list[float]:
         """One reward per (prompt, response); prompts are messages or text, or None."""
         seqs = [conversation_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        return batch_scores(self.score_ids, seqs, self.tokenizer.pad_token_id, self.batch_size)
+        return batch_scores(self.score_ids, seqs, self.tokenizer.pad_token_id, self.batch_size,
+                            model_device(self.model))
 
     def score_pairs(self, rows: list[dict]) -> tuple[list[float], list[float]]:
         """Preference rows -> (rewards of chosen, rewards of rejected)."""
@@ -232,7 +223,7 @@ def train_reward(config: RewardConfig) -> AdapterRecord:
                            center_rewards_coefficient=config.reward.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     quiet_trainer(trainer, config)
-    keep_adapter_dtype(trainer.model, config.base.compute_dtype)  # trl made them bf16
+    keep_adapters_fp32(trainer.model)  # trl made them bf16
     result = trainer.train()
     history = trainer.state.log_history
     shutil.rmtree(scratch, ignore_errors=True)
@@ -259,7 +250,8 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int) -> dict
     was_training = model.training
     model.eval()
     score_ids = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits[:, 0]  # noqa: E731
-    chosen, rejected = (batch_scores(score_ids, [p[k] for p in pairs], tokenizer.pad_token_id, batch_size)
+    device = model_device(model)
+    chosen, rejected = (batch_scores(score_ids, [p[k] for p in pairs], tokenizer.pad_token_id, batch_size, device)
                         for k in ("chosen_ids", "rejected_ids"))
     model.train(was_training)
     return {"chosen": chosen, "rejected": rejected, **pair_metrics(chosen, rejected)}

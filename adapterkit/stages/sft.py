@@ -15,7 +15,7 @@ from adapterkit.config import SFTConfig
 from adapterkit.data import (check_chat_contract, has_generation_markers, load_data,
                              split_last_turn)
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter_dtype, quiet_trainer,
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, quiet_trainer,
                                       run_dir, save_stage_artifact, trainer_kwargs)
 
 log = logging.getLogger("adapterkit")
@@ -85,7 +85,7 @@ def setup_sft(config: SFTConfig) -> SFTRun:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
     quiet_trainer(trainer, config)
-    keep_adapter_dtype(trainer.model, config.base.compute_dtype)
+    keep_adapters_fp32(trainer.model)
     return SFTRun(config, trainer, manifest, report, scratch)
 
 

@@ -1,0 +1,42 @@
+"""What tests share besides fixtures: the device the suite runs on, and tolerances by device.
+
+A comparison of two code paths keeps its CPU tolerance exactly (often 0: bit for bit); on a
+GPU the same comparison runs in bf16 with other kernels, so it gets a tolerance that holds
+there. Every CUDA tolerance is named at the assertion that uses it.
+"""
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the stages put models
+ON_CUDA = DEVICE.type == "cuda"
+
+
+def tol(cpu: float, cuda: float) -> float:
+    """The tolerance for this device: ``cpu`` on CPU (unchanged from the CPU-only suite),
+    ``cuda`` on a GPU (bf16 compute)."""
+    return cuda if ON_CUDA else cpu
+
+
+def assert_close(actual, expected, cpu: float, cuda: float) -> None:
+    """|actual - expected| <= tol(cpu, cuda) elementwise (rtol 0); cpu=0 means equal bit for bit."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    torch.testing.assert_close(actual, expected.to(actual.device, actual.dtype), atol=tol(cpu, cuda), rtol=0)
+
+
+def load_nf4(auto, path, prepared: bool = False, **kwargs):
+    """A base loaded the plain transformers way (``auto``: AutoModelFor...), 4-bit NF4 with
+    double quantization computing in the dtype adapterkit resolves for this device, on it.
+
+    Its other weights (embeddings, norms, heads) are in that dtype too, as ``load_model``
+    leaves them; ``prepared``: in fp32, as peft's ``prepare_model_for_kbit_training`` leaves
+    them in a model the SFT, reward and DPO stages train. (On CPU both are fp32.)"""
+    from transformers import BitsAndBytesConfig
+    from adapterkit.quant import keep_compute_dtype, resolve_dtype
+    dtype = resolve_dtype("auto", DEVICE)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = auto.from_pretrained(str(path), quantization_config=nf4, dtype=torch.float32 if prepared else dtype,
+                                 device_map={"": DEVICE}, **kwargs)
+    keep_compute_dtype(model)  # bnb's CPU bf16 eval kernel off, as adapterkit loads bases
+    return model
