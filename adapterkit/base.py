@@ -194,7 +194,7 @@ def save_adapter(model, name: str, out: Path) -> None:
     ``default`` in a sub-folder), into the existing folder ``out``."""
     import shutil
     import tempfile
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}-"))  # inside: goes with ``out``
     try:
         model.save_pretrained(str(scratch), selected_adapters=[name], safe_serialization=True)
         inner = scratch / name if (scratch / name).is_dir() else scratch

@@ -187,9 +187,11 @@ def _add_registry(p) -> None:
                    help="registry root (default: $ADAPTERKIT_REGISTRY, else ./adapters)")
 
 
-def _open_registry(args):
+def _open_registry(args, create: bool = False):
+    """The registry the command names; only ``publish`` (``create``) may use one not made yet."""
     from adapterkit.registry import Registry
-    return Registry.open(args.registry)
+    reg = Registry.open(args.registry)
+    return reg if create else reg.require()
 
 
 def _registry_list(args) -> None:
@@ -244,8 +246,9 @@ def _registry_remove(args) -> None:
 
 
 def _registry_gc(args) -> None:
-    removed = _open_registry(args).gc()
-    print("\n".join(f"removed {p}" for p in removed) or "nothing to remove")
+    removed = _open_registry(args).gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print("\n".join(f"{verb} {p}" for p in removed) or "nothing to remove")
 
 
 REGISTRY_ACTIONS = {"list": _registry_list, "show": _registry_show, "verify": _registry_verify,
@@ -268,13 +271,14 @@ def _registry_args(p):
     verify.add_argument("ref", nargs="?", help="one entry (default: all)")
     remove = sub.add_parser("remove", help="remove name@N, or every version with name@all")
     remove.add_argument("ref")
-    sub.add_parser("gc", help="delete what interrupted publishes left behind")
+    gc = sub.add_parser("gc", help="delete what interrupted publishes left behind (only the registry's own folders)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     for q in (ls, show, verify, remove, sub.choices["gc"]):
         _add_registry(q)
 
 
 def _run_publish(args) -> None:
-    entry = _open_registry(args).publish(args.dir, name=args.name, domain=args.domain, tags=args.tag)
+    entry = _open_registry(args, create=True).publish(args.dir, name=args.name, domain=args.domain, tags=args.tag)
     if args.json:
         _print_json(entry.to_dict())
     else:

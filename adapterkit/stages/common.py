@@ -1,10 +1,8 @@
 """What every stage shares: the record it returns, trainer arguments, the artifact."""
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +101,7 @@ def save_stage_artifact(config: StageConfig, manifest: dict,
 
 def run_dir() -> str:
     """Scratch space for the trainer (checkpoints are off; logs only). Stages remove it when
-    they finish; a run that stops early leaves it to be removed when the process exits."""
-    path = tempfile.mkdtemp(prefix="adapterkit-run-")
-    atexit.register(shutil.rmtree, path, True)
-    return path
+    they finish; a run that stops early leaves it to be removed when the process exits, and
+    one killed with -9 leaves it to the next run's sweep (its lock is free then)."""
+    from adapterkit.safety import owned_scratch
+    return str(owned_scratch(Path(tempfile.gettempdir()), "adapterkit-run-"))
