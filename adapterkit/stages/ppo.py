@@ -28,13 +28,15 @@ import torch
 
 from adapterkit import losses, tiny
 from adapterkit.artifact import atomic_dir
-from adapterkit.base import load_model, load_parent_stack, load_tokenizer, parent_entry, save_adapter
+from adapterkit.base import REWARD_STAGES, load_model, load_parent_stack, parent_entry, save_adapter
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
 from adapterkit.evaluate import generate, left_pad, mean_token_kl, prompt_ids, prompt_text
+from adapterkit.preflight import preflight
 from adapterkit.plots import plot_curves
-from adapterkit.stages.common import AdapterRecord, base_manifest, save_stage_artifact
+from adapterkit.stages.common import (AdapterRecord, base_manifest, check_finite, load_stage_tokenizer,
+                                      save_stage_artifact)
 
 log = logging.getLogger("adapterkit")
 POLICY, VALUE, REWARD = "policy", "value", "reward"
@@ -107,7 +109,7 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
         model.add_adapter(POLICY, lora_config(config))
     else:
         model = get_peft_model(model, lora_config(config), adapter_name=POLICY)
-    manifest["reward_model"] = parent_entry(p.reward, base_fp)  # a directory or a registry ref
+    manifest["reward_model"] = parent_entry(p.reward, base_fp, REWARD_STAGES, "reward model")  # a directory or a registry ref
     reward_dir = manifest["reward_model"]["path"]
     scorer = RewardScorer.attach(model, tokenizer, reward_dir, name=REWARD)
     if p.value_init == "reward":  # a second copy of the reward's LoRA, trainable
@@ -160,10 +162,10 @@ def setup(config: PPOConfig) -> PPORun:
     acc = Accelerator(gradient_accumulation_steps=t.grad_accum, kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
     torch.manual_seed(t.seed)
-    tokenizer = load_tokenizer(config.base)
-    roles, manifest = build_model(config, acc.device, tokenizer)
+    tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
     prompts = [prompt_ids(tokenizer, q) for q in load_prompts(config.data.train, config, tokenizer)]
     evals = load_prompts(config.data.eval, config, tokenizer) if config.data.eval else []
+    roles, manifest = build_model(config, acc.device, tokenizer)
     per_step = p.rollout_batch_size * acc.num_processes
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * len(prompts) / per_step)
     params = [q for q in roles.parameters() if q.requires_grad]
@@ -364,6 +366,8 @@ def train(run: PPORun) -> None:
                disable=not (run.config.train.progress and acc.is_main_process))
     while run.step < run.total_steps:
         entry = train_step(run)
+        check_finite(entry, f"ppo step {run.step}", "the last good checkpoint is kept"
+                     if p.checkpoint_every else "nothing was saved")
         bar.update(1)
         bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.3f}",
                         vloss=f"{entry['value_loss']:.3f}", clip=f"{entry['clip_fraction']:.2f}")
@@ -467,6 +471,7 @@ def cleanup(run: PPORun) -> AdapterRecord:
 
 def train_ppo(config: PPOConfig) -> AdapterRecord:
     """Train a PPO policy adapter as the config says; returns the saved adapter's record."""
+    preflight(config)  # output folder, adapters and data rows, before any model loads
     run = setup(config)
     train(run)
     return cleanup(run)
