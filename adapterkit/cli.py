@@ -436,6 +436,11 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
+def one_line(err: Exception) -> str:
+    """The message on one line (a config error lists its keys; YAML errors span lines)."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -447,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except AdapterkitError as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
