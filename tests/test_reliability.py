@@ -454,3 +454,83 @@ def test_subprocess_one_line_exit_2(setup, tmp_path, ak_home):
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert snapshot(tmp_path) == before and not (tmp_path / "PWNED").exists()
+
+
+# -- what is allowed, and the leftovers ---------------------------------------------------------
+
+def test_gc_dry_run_then_gc_removes_only_its_own(tmp_path, capsys):
+    from adapterkit.registry import Registry
+    root = registry_with(tmp_path, ("a", adapter(tmp_path / "runs" / "a")))
+    (root / "a" / "7").mkdir()  # a version folder of its own name with no row
+    (root / ".tmp" / "deadbeef").mkdir()  # a staging folder with no owner
+    (root / "notes").mkdir()  # the user's folder beside the registry's: never touched
+    (root / "notes" / "3").mkdir()
+    before = snapshot(tmp_path)
+    assert main(["registry", "gc", "--dry-run", "--registry", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "would remove" in out and "a/7" in out and "deadbeef" in out and "notes" not in out
+    assert snapshot(tmp_path) == before
+    assert sorted(Path(p).name for p in Registry.open(root).gc()) == ["7", "deadbeef"]
+    assert (root / "notes" / "3").is_dir() and (root / "a" / "1").is_dir()
+
+
+def test_same_adapter_may_be_replaced_and_overwrite_is_explicit(tmp_path):
+    from adapterkit.config import load_config
+    from adapterkit.errors import OutputError
+    from adapterkit.preflight import check_output
+    config = load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'sft'}"])
+    adapter(tmp_path / "sft", stage="sft", name=config.output.name or "sft")
+    check_output(config)  # the same job again: replacing its own adapter is allowed
+    adapter(tmp_path / "dpo", stage="dpo", name=config.output.name or "sft")
+    with pytest.raises(OutputError, match="already holds the dpo adapter"):
+        check_output(load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'dpo'}"]))
+    _notes(tmp_path / "mine")
+    with pytest.raises(OutputError, match="refusing to replace it"):
+        check_output(load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'mine'}"]))
+    check_output(load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'mine'}", "output.overwrite=true"]))
+
+
+def test_replace_dir_never_leaves_the_target_missing(tmp_path):
+    from adapterkit.safety import replace_dir
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "f").write_text("new")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f").write_text("old")
+    replace_dir(tmp_path / "new", tmp_path / "out")
+    assert (tmp_path / "out" / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy is gone too
+
+
+KILLED_WRITER = """
+import sys, time
+from adapterkit.artifact import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "half").write_text("x")
+    print("writing", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_killed_writer_leaves_nothing_the_next_one_keeps(tmp_path):
+    """kill -9 mid-write leaves a locked temp sibling; the next write to that output sweeps it."""
+    import signal
+    from adapterkit.artifact import atomic_dir
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with atomic_dir(out) as tmp:
+        (tmp / "whole").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "whole").is_file()
+
+
+def test_nan_loss_stops_with_a_message():
+    from adapterkit.errors import TrainingDiverged
+    from adapterkit.stages.common import check_finite
+    check_finite({"loss": 0.5}, "step 3")
+    with pytest.raises(TrainingDiverged, match=r"step 3: loss=nan; the run stopped"):
+        check_finite({"loss": float("nan"), "lr": 1e-4}, "step 3")
+    with pytest.raises(TrainingDiverged, match="inf"):
+        check_finite({"value_loss": float("inf")}, "ppo step 2", "the last good checkpoint is kept")
