@@ -10,13 +10,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
 from adapterkit.errors import AdapterkitError, IntegrityError
+from adapterkit.safety import locked_scratch, member, replace_dir  # noqa: F401 (replace_dir: re-exported)
 
 MANIFEST = "adapterkit.json"
 LIBRARIES = ("adapterkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
@@ -97,28 +97,17 @@ def seal(folder: Path, manifest: dict) -> None:
 
 @contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling of ``out`` to fill: moved onto ``out`` when the block ends, removed
-    if it raises, so ``out`` is always the old folder or the whole new one."""
+    """A temporary sibling of ``out`` to fill: swapped onto ``out`` when the block ends, removed
+    if it raises, so ``out`` is always the old folder or the whole new one. The sibling is
+    locked while this process lives; one that a killed process left is removed next time."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` onto ``dst``; an existing ``dst`` is swapped out, then removed."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+    with locked_scratch(out.parent, f".{out.name}.tmp-") as tmp:
+        try:
+            yield tmp
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def read_manifest(adapter_dir: str | os.PathLike) -> dict:
@@ -126,17 +115,25 @@ def read_manifest(adapter_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise AdapterkitError(f"{adapter_dir}: no {MANIFEST}; not an adapterkit adapter")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise IntegrityError(f"{path}: corrupt manifest ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{path}: cannot be read ({err})") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path}: corrupt manifest (not a JSON object)")
+    return manifest
 
 
 def verify_files(adapter_dir: str | os.PathLike, manifest: dict | None = None) -> None:
     """Every file the manifest lists exists with the recorded sha256."""
     adapter_dir = Path(adapter_dir)
     manifest = manifest or read_manifest(adapter_dir)
-    for name, digest in manifest.get("files", {}).items():
-        path = adapter_dir / name
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{adapter_dir / MANIFEST}: 'files' is not a mapping of file names to sha256")
+    for name, digest in files.items():
+        path = member(adapter_dir, name)
         if not path.is_file():
             raise IntegrityError(f"{path}: missing (listed in {MANIFEST})")
         if sha256_file(path) != digest:

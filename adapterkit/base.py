@@ -34,11 +34,24 @@ def resolve_base(name: str) -> str:
     return name
 
 
+@contextmanager
+def loading(what: str, name: str):
+    """Turn transformers' errors for a base that cannot be read (no such folder, not on the hub
+    or not cached while offline, an unknown architecture without trust_remote_code, a
+    truncated file) into one line naming the base."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdapterkitError(f"base {name!r}: cannot load its {what} ({first[:300]})") from None
+
+
 def load_tokenizer(section: BaseSection):
     from transformers import AutoTokenizer
     source = resolve_base(section.name)
-    tok = AutoTokenizer.from_pretrained(source, revision=section.revision,
-                                        trust_remote_code=section.trust_remote_code)
+    with loading("tokenizer", section.name):
+        tok = AutoTokenizer.from_pretrained(source, revision=section.revision,
+                                            trust_remote_code=section.trust_remote_code)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # Reuse an existing non-EOS special token (no new embedding rows, so adapters stay
         # portable); refuse when there is none.
@@ -78,10 +91,11 @@ def load_model(section: BaseSection, device: str | None = None, num_labels: int 
     qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant)
     auto, extra = ((AutoModelForCausalLM, {}) if num_labels is None
                    else (AutoModelForSequenceClassification, {"num_labels": num_labels}))
-    model = auto.from_pretrained(
-        resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
-        dtype=dtype, device_map={"": device},
-        trust_remote_code=section.trust_remote_code, use_safetensors=True)
+    with loading("weights", section.name):
+        model = auto.from_pretrained(
+            resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
+            dtype=dtype, device_map={"": device},
+            trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)
     quant.reuse_dequant_buffer(model)  # CPU: one dequantization buffer, not one per call
@@ -115,6 +129,43 @@ ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", 
                 "id2label", "label2id", "num_labels", "problem_type"}
 
 
+def weights_part(path: Path) -> str:
+    """The weights' share of a local base's fingerprint: read from the files, nothing loaded."""
+    return _sha256_json({p.name: _sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
+
+
+def trained_base(manifest: dict) -> BaseSection:
+    """The base an adapter was trained on, from its recipe (or its manifest's base record),
+    with ``trust_remote_code`` off: a manifest is someone else's file and may not choose to
+    run code here; only the user's own recipe or command line can turn it on."""
+    from pydantic import ValidationError
+    recipe_base = (manifest.get("recipe") or {}).get("base")
+    try:
+        if recipe_base:
+            section = BaseSection.model_validate(recipe_base)
+        else:
+            b = manifest["base"]
+            section = BaseSection(name=b["source"], quantization=b.get("quantization", "nf4"),
+                                  compute_dtype=b.get("compute_dtype", "float32"))
+    except (ValidationError, KeyError, TypeError) as err:
+        raise CompatibilityError(f"{manifest.get('name')}: its manifest does not name a usable base "
+                                 f"({str(err).splitlines()[0]})") from None
+    return section.model_copy(update={"trust_remote_code": False})
+
+
+def check_base_on_disk(section: BaseSection, expected: dict, who: str) -> None:
+    """Before any of a base's code or weights load: a local base's safetensors files must hash
+    to the fingerprint the adapter was trained on. A mismatch is refused here, so a manifest
+    that names some other folder never gets its model built."""
+    path = Path(resolve_base(section.name))
+    recorded = (expected or {}).get("weights")
+    if not path.is_dir() or recorded is None:
+        return  # a hub base: its revision is only known once loaded; checked after, as before
+    if weights_part(path) != recorded:
+        raise CompatibilityError(f"{who}: trained on base {expected.get('id')}, but the weights in "
+                                 f"{path} are not that base's; refusing to load it")
+
+
 def fingerprint(model, tokenizer) -> dict:
     """Architecture config, tokenizer vocabulary and weights identity, hashed together.
 
@@ -125,11 +176,11 @@ def fingerprint(model, tokenizer) -> dict:
     source = model.config._name_or_path
     path = Path(source)
     if path.is_dir():
-        weights = {p.name: _sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+        weights = weights_part(path)
     else:
-        weights = {"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"}
+        weights = _sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
     parts = {"config": _sha256_json(config), "tokenizer": _sha256_json(sorted(tokenizer.get_vocab().items())),
-             "weights": _sha256_json(weights)}
+             "weights": weights}
     return {"id": _sha256_json(parts)[:16], **parts, "source": source}
 
 
@@ -196,7 +247,7 @@ def save_adapter(model, name: str, out: Path) -> None:
     ``default`` in a sub-folder), into the existing folder ``out``."""
     import shutil
     import tempfile
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}-"))  # inside: goes with ``out``
     try:
         model.save_pretrained(str(scratch), selected_adapters=[name], safe_serialization=True)
         inner = scratch / name if (scratch / name).is_dir() else scratch
@@ -220,27 +271,40 @@ def resolve_adapter(ref: str | Path, registry: str | Path | None = None) -> Path
     return Registry.open(root).path(str(ref))
 
 
-def parent_entry(adapter_dir: str | Path, base_fp: dict) -> dict:
-    """The manifest's record of one parent adapter (a directory or a registry reference);
-    refuses one trained on another base."""
-    from adapterkit.artifact import MANIFEST, read_manifest
-    d = resolve_adapter(adapter_dir)
-    weights = d / "adapter_model.safetensors"
-    if not (d / "adapter_config.json").is_file() or not weights.is_file():
-        raise DataError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
-                        "adapter_model.safetensors)")
-    if (d / MANIFEST).is_file():
-        manifest = read_manifest(d)
-        trained_on = manifest["base"]["fingerprint"]["id"]
-        if trained_on != base_fp["id"]:
-            raise CompatibilityError(f"{adapter_dir}: trained on base {trained_on} "
-                                     f"({manifest['base']['source']}), not on this base {base_fp['id']}")
-        name = manifest["name"]
-    else:
-        log.warning("%s: no %s; its base cannot be checked", adapter_dir, MANIFEST)
-        name, trained_on = d.name, None
-    return {"path": str(d), "name": name, "sha256": _sha256_file(weights),
-            "base_fingerprint": trained_on}
+POLICY_STAGES = ("sft", "dpo", "ppo", "merge")  # causal-LM adapters a policy can stack on
+REWARD_STAGES = ("reward",)
+
+
+def checked_adapter(ref: str | Path, stages: tuple[str, ...], role: str,
+                    registry: str | Path | None = None) -> tuple[Path, dict]:
+    """(directory, manifest) of an adapter given by path or registry ref, verified before
+    anything loads it: PEFT files and safetensors weights present, every file against the
+    manifest's sha256 (paths kept inside), and a stage that fits ``role``."""
+    from adapterkit.artifact import read_manifest, verify_files
+    d = resolve_adapter(ref, registry)
+    if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
+        raise DataError(f"{ref}: not an adapter directory (needs adapter_config.json and "
+                        "adapter_model.safetensors; adapter_model.bin is pickle and not loaded)")
+    manifest = read_manifest(d)  # no manifest: nothing to check it against, so refused
+    verify_files(d, manifest)
+    stage = manifest.get("stage")
+    if stage not in stages:
+        raise CompatibilityError(f"{ref}: a {stage} adapter cannot be the {role}; it needs a "
+                                 f"{' / '.join(stages)} adapter")
+    return d, manifest
+
+
+def parent_entry(adapter_dir: str | Path, base_fp: dict, stages: tuple[str, ...] = POLICY_STAGES,
+                 role: str = "parent") -> dict:
+    """The manifest's record of one parent adapter (a directory or a registry reference),
+    verified (``checked_adapter``); refuses one trained on another base."""
+    d, manifest = checked_adapter(adapter_dir, stages, role)
+    trained_on = (manifest.get("base") or {}).get("fingerprint", {}).get("id")
+    if trained_on != base_fp["id"]:
+        raise CompatibilityError(f"{adapter_dir}: trained on base {trained_on} "
+                                 f"({(manifest.get('base') or {}).get('source')}), not on this base {base_fp['id']}")
+    return {"path": str(d), "name": manifest.get("name", d.name),
+            "sha256": _sha256_file(d / "adapter_model.safetensors"), "base_fingerprint": trained_on}
 
 
 def load_parent_stack(model, parent_dirs: list[str | Path], base_fp: dict):

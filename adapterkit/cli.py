@@ -38,6 +38,8 @@ def _add_recipe(p) -> None:
     p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped one (see `adapterkit recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides, e.g. train.learning_rate=1e-4 lora.r=16")
+    p.add_argument("--overwrite", action="store_true", help="replace output.dir even when it holds "
+                   "something other than this adapter (output.overwrite=true)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--publish", metavar="NAME", help="publish the trained adapter to the registry as NAME")
     p.add_argument("--domain", help="the adapter's domain (output.domain)")
@@ -48,7 +50,8 @@ def _add_recipe(p) -> None:
 def _train(stage: str, args) -> None:
     from adapterkit.config import load_config
     from adapterkit.stages import train_stage
-    flags = {"output.publish": args.publish, "output.domain": args.domain, "output.registry": args.registry}
+    flags = {"output.publish": args.publish, "output.domain": args.domain, "output.registry": args.registry,
+             "output.overwrite": "true" if args.overwrite else None}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     config = load_config(stage, args.recipe, overrides)
     record = train_stage(stage, config)
@@ -64,7 +67,7 @@ def _train(stage: str, args) -> None:
 
 def _run_tiny(args) -> None:
     from adapterkit.tiny import ensure_tiny
-    out = ensure_tiny(args.out, refresh=args.refresh)
+    out = ensure_tiny(args.out, refresh=args.refresh, overwrite=args.overwrite)
     if args.json:
         _print_json({"dir": str(out), "base": str(out / "base"), "data": str(out / "data")})
     else:
@@ -75,6 +78,8 @@ def _run_tiny(args) -> None:
 def _tiny_args(p):
     p.add_argument("--out", help="also write a copy here (base/ and data/); the cache lives in $ADAPTERKIT_HOME")
     p.add_argument("--refresh", action="store_true", help="rebuild the cache (and the copy)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even when it holds something "
+                   "other than a tiny build")
     p.add_argument("--json", action="store_true")
 
 
@@ -187,9 +192,11 @@ def _add_registry(p) -> None:
                    help="registry root (default: $ADAPTERKIT_REGISTRY, else ./adapters)")
 
 
-def _open_registry(args):
+def _open_registry(args, create: bool = False):
+    """The registry the command names; only ``publish`` (``create``) may use one not made yet."""
     from adapterkit.registry import Registry
-    return Registry.open(args.registry)
+    reg = Registry.open(args.registry)
+    return reg if create else reg.require()
 
 
 def _registry_list(args) -> None:
@@ -244,8 +251,9 @@ def _registry_remove(args) -> None:
 
 
 def _registry_gc(args) -> None:
-    removed = _open_registry(args).gc()
-    print("\n".join(f"removed {p}" for p in removed) or "nothing to remove")
+    removed = _open_registry(args).gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print("\n".join(f"{verb} {p}" for p in removed) or "nothing to remove")
 
 
 REGISTRY_ACTIONS = {"list": _registry_list, "show": _registry_show, "verify": _registry_verify,
@@ -268,13 +276,14 @@ def _registry_args(p):
     verify.add_argument("ref", nargs="?", help="one entry (default: all)")
     remove = sub.add_parser("remove", help="remove name@N, or every version with name@all")
     remove.add_argument("ref")
-    sub.add_parser("gc", help="delete what interrupted publishes left behind")
+    gc = sub.add_parser("gc", help="delete what interrupted publishes left behind (only the registry's own folders)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     for q in (ls, show, verify, remove, sub.choices["gc"]):
         _add_registry(q)
 
 
 def _run_publish(args) -> None:
-    entry = _open_registry(args).publish(args.dir, name=args.name, domain=args.domain, tags=args.tag)
+    entry = _open_registry(args, create=True).publish(args.dir, name=args.name, domain=args.domain, tags=args.tag)
     if args.json:
         _print_json(entry.to_dict())
     else:
@@ -330,7 +339,7 @@ def _run_merge(args) -> None:
     from adapterkit.compose import MergeSpec, merge_profile
     spec = MergeSpec(args.method or "cat", density=args.density, mixed_ranks=args.mixed_ranks)
     report = merge_profile(args.profile, args.out, args.method, _open_registry(args), spec,
-                           force=args.force, publish=args.publish)
+                           force=args.force, publish=args.publish, overwrite=args.overwrite)
     if args.json:
         _print_json(report.to_dict())
         return
@@ -350,13 +359,15 @@ def _merge_args(p):
     p.add_argument("--density", type=float, default=0.7, help="ties/dare: fraction of entries kept")
     p.add_argument("--publish", metavar="NAME", help="also publish the merged adapter under NAME")
     p.add_argument("--force", action="store_true", help="load adapters trained on another base")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even when it holds something else")
     p.add_argument("--json", action="store_true")
     _add_registry(p)
 
 
 def _run_export(args) -> None:
     from adapterkit.compose import export_profile
-    report = export_profile(args.profile, args.out, args.dtype, _open_registry(args), force=args.force)
+    report = export_profile(args.profile, args.out, args.dtype, _open_registry(args), force=args.force,
+                            overwrite=args.overwrite)
     if args.json:
         _print_json(report.to_dict())
         return
@@ -371,6 +382,7 @@ def _export_args(p):
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--force", action="store_true", help="load adapters trained on another base")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even when it holds something else")
     p.add_argument("--json", action="store_true")
     _add_registry(p)
 
@@ -424,6 +436,11 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
+def one_line(err: Exception) -> str:
+    """The message on one line (a config error lists its keys; YAML errors span lines)."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -435,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except AdapterkitError as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

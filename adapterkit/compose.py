@@ -22,12 +22,14 @@ import torch
 
 from adapterkit import quant
 from adapterkit.artifact import atomic_dir, seal, write_artifact
-from adapterkit.base import fingerprint, load_adapters, load_model, load_tokenizer, resolve_base, save_adapter
+from adapterkit.base import (check_base_on_disk, fingerprint, load_adapters, load_model, load_tokenizer,
+                             resolve_base, save_adapter, trained_base)
 from adapterkit.config import BaseSection
 from adapterkit.data import template_hash
 from adapterkit.errors import AdapterkitError, CompatibilityError
 from adapterkit.evaluate import prompt_ids
 from adapterkit.registry import Entry, Profile, Registry, RegistryError
+from adapterkit.safety import check_output_dir
 from adapterkit.tokens import left_pad, model_device
 
 log = logging.getLogger("adapterkit")
@@ -39,13 +41,8 @@ DEFAULT_PROMPTS = ["flip: hot up", "Write one sentence about the sea.", "What is
 # -- compatibility, checked before anything is loaded, stacked or merged -------------------
 
 def base_section(manifest: dict) -> BaseSection:
-    """The base an adapter was trained on, from its recipe (or its manifest's base record)."""
-    recipe_base = (manifest.get("recipe") or {}).get("base")
-    if recipe_base:
-        return BaseSection.model_validate(recipe_base)
-    b = manifest["base"]
-    return BaseSection(name=b["source"], quantization=b.get("quantization", "nf4"),
-                       compute_dtype=b.get("compute_dtype", "float32"))
+    """The base an adapter was trained on (``base.trained_base``: trust_remote_code forced off)."""
+    return trained_base(manifest)
 
 
 def check_base(entry: Entry, fp: dict, section: BaseSection, force: bool) -> list[str]:
@@ -118,10 +115,14 @@ def adapter_name(entry: Entry) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", entry.name) + f"_v{entry.version}"
 
 
-def load_base_for(entry: Entry, base: BaseSection | None = None, device: str | None = None) -> Loaded:
+def load_base_for(entry: Entry, base: BaseSection | None = None, device: str | None = None,
+                  force: bool = False) -> Loaded:
     """The base ``entry`` was trained on (or ``base``), in eval mode; ``load_model`` already made
-    its 4-bit layers compute like training's (see ``quant.keep_compute_dtype``)."""
+    its 4-bit layers compute like training's (see ``quant.keep_compute_dtype``). A local base
+    whose weights are not the entry's base is refused before it loads (unless ``force``)."""
     section = base or base_section(entry.manifest)
+    if not force:
+        check_base_on_disk(section, (entry.manifest.get("base") or {}).get("fingerprint"), entry.ref)
     model, tokenizer = load_model(section, device), load_tokenizer(section)
     model.eval()
     return Loaded(model, tokenizer, section, fingerprint(model, tokenizer))
@@ -156,7 +157,7 @@ def load_stack(refs: list[str], registry: Registry | None = None, base: BaseSect
     entries = [registry.get(r) for r in refs]
     if not entries:
         raise AdapterkitError("nothing to load: the stack is empty")
-    loaded = load_base_for(entries[0], base, device)
+    loaded = load_base_for(entries[0], base, device, force)
     add_entries(loaded, registry, entries, force)
     return loaded
 
@@ -419,7 +420,7 @@ class ExportReport:
 
 
 def export_loaded(loaded: Loaded, out: str | Path, dtype: str = "float32",
-                  prompts: list | None = None) -> ExportReport:
+                  prompts: list | None = None, name: str | None = None) -> ExportReport:
     """Save base + stack as a full model (safetensors) + tokenizer that
     ``AutoModelForCausalLM.from_pretrained`` loads; measured against the stack first."""
     if dtype not in ("float32", "bfloat16"):
@@ -432,7 +433,7 @@ def export_loaded(loaded: Loaded, out: str | Path, dtype: str = "float32",
     with atomic_dir(out) as tmp:
         dense.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        seal(tmp, {"kind": "export", "dtype": dtype, "base": loaded.entries[0].manifest.get("base"),
+        seal(tmp, {"kind": "export", "name": name, "stage": "export", "dtype": dtype, "base": loaded.entries[0].manifest.get("base"),
                    "sources": [{"ref": e.ref, "sha256": e.weights_sha256} for e in loaded.entries],
                    "report": report.to_dict()})
     return report
@@ -449,22 +450,29 @@ def set_profile(registry: Registry, name: str, stack: list[str], mode: str = "st
 
 
 def merge_profile(name: str, out: str | Path, method: str | None = None, registry: Registry | None = None,
-                  spec: MergeSpec | None = None, force: bool = False, publish: str | None = None) -> MergeReport:
+                  spec: MergeSpec | None = None, force: bool = False, publish: str | None = None,
+                  overwrite: bool = False) -> MergeReport:
     """Merge a profile's stack into one adapter saved at ``out`` (and published, if asked)."""
     registry = registry or Registry.open()
-    loaded, profile = load_profile(name, registry, force=force)
+    profile = registry.profile(name)
     spec = replace(spec or MergeSpec(), method=method or profile.method)
+    adapter = publish or f"{name}-{spec.method}"
+    check_output_dir(out, name=adapter, stage="merge", overwrite=overwrite, key="--out")  # before loading
+    loaded, profile = load_profile(name, registry, force=force)
     report = merge_loaded(loaded, spec)
-    path = save_merged(loaded, report, out, publish or f"{name}-{spec.method}", profile.domain)
+    path = save_merged(loaded, report, out, adapter, profile.domain)
     if publish:
         registry.publish(path, name=publish, domain=profile.domain, tags=["merge"])
     return report
 
 
 def export_profile(name: str, out: str | Path, dtype: str = "float32", registry: Registry | None = None,
-                   force: bool = False) -> ExportReport:
+                   force: bool = False, overwrite: bool = False) -> ExportReport:
+    """Export a profile as a full model at ``out``; an ``out`` holding anything but an earlier
+    export of this profile is refused (unless ``overwrite``) before anything loads."""
+    check_output_dir(out, name=name, stage="export", overwrite=overwrite, key="--out")
     loaded, _ = load_profile(name, registry, force=force)
-    return export_loaded(loaded, out, dtype)
+    return export_loaded(loaded, out, dtype, name=name)
 
 
 # -- serving: one base, rows on different profiles ----------------------------------------------
@@ -496,7 +504,7 @@ class Server:
             profile = None
         entries = (self.registry.profile_entries(key) if profile else [self.registry.get(key)])
         if self.loaded is None:
-            self.loaded = load_base_for(entries[0], self.base, self.device)
+            self.loaded = load_base_for(entries[0], self.base, self.device, self.force)
         names = add_entries(self.loaded, self.registry, entries, self.force)
         if profile is not None and profile.mode == "merge" and len(names) > 1:
             names = [self._merge(key, names, profile.method)]

@@ -55,6 +55,7 @@ class DataSection(Section):
     max_length: int = Field(256, gt=0)
     on_long: Literal["error", "truncate", "drop"] = "error"
     hub_split: str = "train"
+    chat_template: str | None = None  # a Jinja chat template (or a file holding one) for a base without one
 
 
 class LoraSection(Section):
@@ -89,6 +90,7 @@ class OutputSection(Section):
     tags: list[str] = []
     publish: str | None = None  # registry name to publish under after training
     registry: str | None = None  # registry root; default ./adapters or $ADAPTERKIT_REGISTRY
+    overwrite: bool = False  # replace an output.dir that holds something other than this adapter
 
 
 class StageConfig(Section):
@@ -227,6 +229,9 @@ def recipe_path(recipe: str | os.PathLike) -> Path:
     path = Path(recipe)
     if path.is_file():
         return path
+    if path.parent != Path(".") or path.suffix:  # a path the user typed: never a shipped stand-in
+        raise ConfigError(f"{recipe}: no such recipe file (shipped recipes are named without a "
+                          f"folder or .yaml: {', '.join(shipped_recipes())})")
     shipped = resources.files("adapterkit") / "recipes" / f"{Path(recipe).stem}.yaml"
     if shipped.is_file():
         return Path(str(shipped))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -87,14 +88,40 @@ def read_rows(source: str, hub_split: str = "train") -> list[dict]:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[hub_split]
         rows = ds.to_list()
-    elif path.suffix.lower() in READERS or "/" not in source or source.startswith((".", "/")):
+    elif not looks_like_hub_name(source):
         raise DataError(f"{source}: no such file or directory")
-    else:  # an online user's hub dataset, "org/name"
-        import datasets
-        rows = datasets.load_dataset(source, split=hub_split).to_list()
+    else:  # an online user's hub dataset, "org/name" (or "hub:org/name")
+        rows = _read_hub(source.removeprefix("hub:"), hub_split)
     if not rows:
         raise DataError(f"{source}: no rows")
     return rows
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def looks_like_hub_name(source: str) -> bool:
+    """``hub:anything``, or ``org/name`` whose first part is not a local folder: a relative
+    path to a folder that does not exist is a typo, never a hub dataset of the same name."""
+    if source.startswith("hub:"):
+        return True
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+            and Path(parts[1]).suffix.lower() not in READERS and not Path(parts[0]).exists())
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    if offline():
+        raise DataError(f"{name}: no such file or directory, and the hub is offline "
+                        "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) so it is not a hub dataset either")
+    import datasets
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise DataError(f"{name}: not a local file, and not a readable hub dataset "
+                        f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from None
 
 
 # -- formats: a registry of row validators -------------------------------------------------
@@ -190,6 +217,8 @@ def _validate_preference(row, where):
         _check_prompt(row, where)
     for key in ("chosen", "rejected"):
         _check_answer(row, key, where)
+    if row["chosen"] == row["rejected"]:  # the pair's loss is ln 2 whatever the model does
+        raise _fail(where, "rejected", "the same as 'chosen'; a pair with no preference teaches nothing")
 
 
 FORMATS: dict[str, Callable[[dict, str], None]] = {
@@ -287,12 +316,38 @@ def load_data(source: str, *, fmt: str, allowed: tuple[str, ...], tokenizer=None
     rows = read_rows(source, hub_split)
     fmt = validate_rows(rows, fmt, source, allowed)
     report = {}
+    if tokenizer is not None:
+        check_template(tokenizer, rows, source)
     if tokenizer is not None and max_length is not None:
         rows, report = apply_length_policy(rows, fmt, tokenizer, max_length, on_long, source)
     return LoadedData(rows=rows, format=fmt, source=source, report=report)
 
 
 # -- the chat-template contract --------------------------------------------------------------
+
+def use_chat_template(tokenizer, template: str | None) -> None:
+    """Set ``data.chat_template`` (Jinja text, or a file holding it) on the tokenizer."""
+    if not template:
+        return
+    path = Path(template).expanduser()
+    if "{" not in template and path.is_file():
+        template = path.read_text(encoding="utf-8")
+    elif "{" not in template:
+        raise DataError(f"data.chat_template {template!r}: neither a Jinja template nor a file")
+    tokenizer.chat_template = template
+
+
+def needs_template(rows: list[dict]) -> bool:
+    """True when any row holds a conversation (a list of messages) somewhere."""
+    return any(isinstance(v, list) for r in rows for v in r.values())
+
+
+def check_template(tokenizer, rows: list[dict], source: str) -> None:
+    """Conversations need a chat template to become tokens; say so, naming the fix."""
+    if needs_template(rows) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}: the rows are conversations, but the base's tokenizer has no chat "
+                        "template; set data.chat_template to a Jinja template (or a file holding one)")
+
 
 def template_hash(tokenizer) -> str | None:
     template = getattr(tokenizer, "chat_template", None)

@@ -19,3 +19,15 @@ class CompatibilityError(AdapterkitError):
 
 class IntegrityError(AdapterkitError):
     """A file on disk does not match its recorded sha256."""
+
+
+class OutputError(AdapterkitError):
+    """An output path cannot be written without losing something the user did not ask to lose."""
+
+
+class UnsafePathError(IntegrityError):
+    """A path taken from a manifest would leave its directory (absolute, ``..``, a symlink out)."""
+
+
+class TrainingDiverged(AdapterkitError):
+    """The loss became NaN or infinite; the run stopped and nothing was overwritten."""

@@ -1,8 +1,12 @@
 """The adapter store: publish, resolve, verify, lineage, profiles.
 
-A registry is a directory (``./adapters`` unless ``--registry DIR`` or $ADAPTERKIT_REGISTRY):
+A registry is a directory (``./adapters`` unless ``--registry DIR`` or $ADAPTERKIT_REGISTRY)
+that says it is one: its ``index.sqlite`` carries SQLite's ``application_id`` (``APP_ID``) and
+the schema version in ``user_version``, written when the first publish creates it. Nothing
+else is ever treated as a registry: opening a folder does not create anything, a non-empty
+folder without the marker is refused, and ``gc`` removes only what the registry made.
 
-    <root>/index.sqlite          one row per entry and per profile (WAL, busy timeout)
+    <root>/index.sqlite          the marker; one row per entry and per profile (WAL, busy timeout)
     <root>/<name>/<version>/     the adapter files, immutable once published
     <root>/.tmp/                 publishes in progress (each holds an flock while alive)
 
@@ -30,12 +34,15 @@ from pathlib import Path
 
 from adapterkit.artifact import MANIFEST, model_card, read_manifest, sha256_file, verify_files
 from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityError
+from adapterkit.safety import member
 
 INDEX = "index.sqlite"
 TMP = ".tmp"
 WEIGHTS = "adapter_model.safetensors"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 MODES = ("stack", "merge", "export")
+APP_ID = 0x616B7267  # "akrg": SQLite's application_id of an adapterkit registry index
+SCHEMA_VERSION = 1
 PAUSE_ENV = "ADAPTERKIT_PUBLISH_PAUSE"  # tests: "<point>" sleeps there so a kill lands mid-publish
 
 SCHEMA = """
@@ -143,21 +150,76 @@ class Registry:
 
     @classmethod
     def open(cls, root: str | os.PathLike | None = None) -> "Registry":
-        """Open (creating when needed) the registry at ``root`` or the default root."""
+        """The registry at ``root`` (or the default root), creating nothing: a missing or empty
+        folder is a registry not made yet (reads find nothing; the first publish makes it); a
+        folder holding anything else without the marker is refused."""
         root = Path(root).expanduser() if root is not None else default_root()
         if root.exists() and not root.is_dir():
             raise RegistryError(f"registry {root}: exists and is not a directory")
-        (root / TMP).mkdir(parents=True, exist_ok=True)
         reg = cls(root.resolve())
-        with reg._db() as db:
-            db.executescript(SCHEMA)
+        if root.is_dir() and not reg.created and not reg._only_own_files():
+            raise RegistryError(f"{root}: not an adapterkit registry (no {INDEX} marking it as one) and "
+                                "not empty; refusing to use it. Give --registry a new or empty folder")
         return reg
+
+    def _only_own_files(self) -> bool:
+        """Nothing but what a first publish creates (one may be under way in another process)."""
+        own = {TMP, INDEX, f"{INDEX}-wal", f"{INDEX}-shm", f"{INDEX}-journal"}
+        return all(p.name in own for p in self.root.iterdir()) and self._index_info()[2] == 0
+
+    def _index_info(self) -> tuple[int, int, int]:
+        """(application_id, user_version, tables) of the index; (0, 0, 0) when absent or empty."""
+        if not self.index.is_file():
+            return 0, 0, 0
+        try:
+            db = sqlite3.connect(f"{self.index.as_uri()}?mode=ro", uri=True, timeout=60)
+            try:
+                app_id = db.execute("PRAGMA application_id").fetchone()[0]
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'entries'").fetchone()[0]
+                other = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.DatabaseError:
+            return -1, 0, 1  # not SQLite: someone else's file
+        return app_id, version, (-1 if tables else other)  # -1: has our entries table
+
+    @property
+    def created(self) -> bool:
+        """The root holds a registry index with our marker (or a pre-marker index with our table)."""
+        app_id, version, tables = self._index_info()
+        if app_id == APP_ID and version > SCHEMA_VERSION:
+            raise RegistryError(f"registry {self.root}: schema version {version} is newer than this "
+                                f"adapterkit knows ({SCHEMA_VERSION}); upgrade adapterkit")
+        return app_id == APP_ID or (app_id == 0 and tables == -1)
+
+    def require(self) -> "Registry":
+        """Refuse a registry that does not exist yet (every command but publish uses this)."""
+        if not self.created:
+            raise RegistryError(f"no adapterkit registry at {self.root} (publish an adapter there "
+                                "first, or name another with --registry)")
+        return self
+
+    def _create(self) -> None:
+        """Make the root, its staging folder and the marked index (the first publish does)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._db(create=True) as db:
+            db.execute(f"PRAGMA application_id = {APP_ID}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.executescript(SCHEMA)
+        (self.root / TMP).mkdir(exist_ok=True)
 
     # -- the index -----------------------------------------------------------------------
 
     @contextmanager
-    def _db(self):
-        db = sqlite3.connect(self.index, timeout=60, isolation_level=None)
+    def _db(self, create: bool = False):
+        """A connection to the index; a registry not made yet reads as an empty one (in memory),
+        so that looking at a folder never writes to it."""
+        if create or self.index.is_file():
+            db = sqlite3.connect(self.index, timeout=60, isolation_level=None)
+        else:
+            db = sqlite3.connect(":memory:", isolation_level=None)
+            db.executescript(SCHEMA)
         try:
             db.execute("PRAGMA busy_timeout = 60000")
             db.execute("PRAGMA journal_mode = WAL")
@@ -169,6 +231,8 @@ class Registry:
     @contextmanager
     def _write(self):
         """One write transaction; BEGIN IMMEDIATE takes the lock up front (no upgrade deadlock)."""
+        if not self.index.is_file():
+            raise RegistryError(f"no adapterkit registry at {self.root}")
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -195,10 +259,15 @@ class Registry:
         name = validate_name(name if name is not None else manifest.get("name") or src.name)
         if not (src / "adapter_config.json").is_file():
             raise RegistryError(f"{src}: not an adapter directory (no adapter_config.json)")
-        verify_files(src, manifest)  # a tampered source is refused, naming its file
+        if not (src / WEIGHTS).is_file() or WEIGHTS not in manifest.get("files", {}):
+            raise RegistryError(f"{src}: no {WEIGHTS} listed in its {MANIFEST}; adapterkit publishes "
+                                "safetensors weights only (adapter_model.bin is pickle)")
+        verify_files(src, manifest)  # a tampered source or a path out of it is refused, named
+        if not self.created:
+            self._create()
         with self._staging() as tmp:
             for fname in manifest.get("files", {}):
-                shutil.copy2(src / fname, tmp / fname)
+                shutil.copy2(member(src, fname), member(tmp, fname))
             verify_files(tmp, manifest)
             _pause("copied")
             with self._write() as db:
@@ -221,6 +290,7 @@ class Registry:
     def _staging(self):
         """A temp dir in ``.tmp`` whose lock file is flocked while this process lives."""
         token = uuid.uuid4().hex
+        (self.root / TMP).mkdir(exist_ok=True)  # another first publisher may not have made it yet
         lock = open(self.root / TMP / f"{token}.lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX)
         tmp = self.root / TMP / token
@@ -397,39 +467,63 @@ class Registry:
                 db.execute("DELETE FROM entries WHERE name = ? AND version = ?", (e.name, e.version))
         for e in entries:
             shutil.rmtree(e.path, ignore_errors=True)
+        with self._write():  # holding the lock: no publisher is between its mkdir and rename
+            _rmdir_if_empty(self.root / name)
         return [e.ref for e in entries]
 
-    def gc(self) -> list[str]:
-        """Delete what crashed or killed publishes left: staging dirs whose owner is gone and
-        version dirs with no index row. Returns the removed paths."""
-        removed = self._gc_staging()
+    def gc(self, dry_run: bool = False) -> list[str]:
+        """Delete what crashed or killed publishes left, and nothing else: unowned staging
+        folders in ``.tmp``, and version folders ``<name>/<N>`` with no index row that the
+        registry made (the name has rows, or the folder's manifest was stamped with that very
+        name and version). Returns the paths removed (with ``dry_run``: that would be)."""
+        self.require()
+        removed = self._gc_staging(dry_run)
         with self._write() as db:  # holding the lock: no publisher is between rename and commit
             rows = {(r[0], r[1]) for r in db.execute("SELECT name, version FROM entries")}
-            for d in sorted(self.root.glob("*/*")):
-                if d.is_dir() and not d.parent.name.startswith(".") and (d.parent.name, _as_int(d.name)) not in rows:
+            names = {name for name, _ in rows}
+            orphans = [d for d in sorted(self.root.glob("*/*")) if self._orphan_version(d, rows, names)]
+            removed += [str(d) for d in orphans]
+            if not dry_run:
+                for d in orphans:
                     shutil.rmtree(d)
-                    removed.append(str(d))
-            for d in self.root.iterdir():  # empty name dirs (a publisher mkdirs inside the lock too)
-                if d.is_dir() and not d.name.startswith(".") and not any(d.iterdir()):
-                    d.rmdir()
+                for name in names | {d.parent.name for d in orphans}:
+                    _rmdir_if_empty(self.root / name)
         return removed
 
-    def _gc_staging(self) -> list[str]:
+    def _orphan_version(self, d: Path, rows: set, names: set) -> bool:
+        """A version folder this registry made whose publish never committed."""
+        name, version = d.parent.name, _as_int(d.name)
+        if (version is None or d.is_symlink() or not d.is_dir() or name.startswith(".")
+                or not NAME_RE.match(name) or (name, version) in rows):
+            return False
+        if name in names:
+            return True
+        try:
+            stamped = read_manifest(d)
+        except AdapterkitError:
+            return False
+        return stamped.get("name") == name and stamped.get("version") == version
+
+    def _gc_staging(self, dry_run: bool = False) -> list[str]:
         removed = []
         tmp_root = self.root / TMP
+        if not tmp_root.is_dir():
+            return removed
         for lock_path in tmp_root.glob("*.lock"):
             with open(lock_path, "a") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # a live publisher holds it
-                shutil.rmtree(tmp_root / lock_path.stem, ignore_errors=True)
-                os.unlink(lock_path)
                 removed.append(str(tmp_root / lock_path.stem))
+                if not dry_run:
+                    shutil.rmtree(tmp_root / lock_path.stem, ignore_errors=True)
+                    os.unlink(lock_path)
         for d in tmp_root.iterdir():  # a staging dir with no lock file has no owner
-            if d.is_dir() and not (tmp_root / f"{d.name}.lock").exists():
-                shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir() and not (tmp_root / f"{d.name}.lock").exists() and str(d) not in removed:
                 removed.append(str(d))
+                if not dry_run:
+                    shutil.rmtree(d, ignore_errors=True)
         return removed
 
     # -- profiles ------------------------------------------------------------------------
@@ -492,8 +586,15 @@ class Registry:
         return [p.name for p in self.profiles() if any(parse_ref(r)[0] == name for r in p.stack)]
 
 
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty, or gone
+
+
 def _as_int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isdigit() and str(int(text)) == text else None
 
 
 def tree_lines(node: dict, prefix: str = "") -> list[str]:

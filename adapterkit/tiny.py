@@ -267,12 +267,16 @@ def tiny_home() -> Path:
     return root / f"tiny-{TinySpec().key()}"
 
 
-def ensure_tiny(out: str | os.PathLike | None = None, refresh: bool = False) -> Path:
+def ensure_tiny(out: str | os.PathLike | None = None, refresh: bool = False, overwrite: bool = False) -> Path:
     """The cached build (built on first use), or a copy of it at ``out``.
 
     The build is deterministic, so copying the cache equals building anew; ``refresh``
-    rebuilds the cache first."""
+    rebuilds the cache first. An ``out`` holding anything but a tiny build is refused unless
+    ``overwrite``, before anything is built."""
     home = tiny_home()
+    if out is not None and not (Path(out) / "tiny.json").is_file():
+        from adapterkit.safety import check_output_dir
+        check_output_dir(out, name=None, stage=None, overwrite=overwrite, key="--out")
     if refresh or not (home / "tiny.json").is_file():
         build_tiny(home)
     if out is None or Path(out).resolve() == home.resolve():

@@ -60,7 +60,7 @@ def run_seed(seed: int, root: str, stages: tuple[str, ...], extra: list[str]) ->
             continue
         start = time.perf_counter()
         config = load_config(stage, f"tiny_{stage}", common + per_stage[stage] + [
-            f"output.dir={adapter}", *overrides_for(stage, extra)])
+            f"output.dir={adapter}", "output.overwrite=true", *overrides_for(stage, extra)])
         out[stage] = {**train_stage(stage, config).metrics, "seconds": round(time.perf_counter() - start, 1)}
     if "sft" in out and "ppo" in out:
         out["sft"]["score"] = out["ppo"].get("parent_score", out["sft"].get("score"))

@@ -1,10 +1,8 @@
 """What every stage shares: the record it returns, trainer arguments, the artifact."""
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +54,36 @@ def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:
 
 def quiet_trainer(trainer, config: StageConfig) -> None:
     """Without progress bars, transformers prints every log dict instead; the run's metrics
-    and curves are in the artifact, so ``train.progress=false`` means a silent trainer."""
+    and curves are in the artifact, so ``train.progress=false`` means a silent trainer. Every
+    trainer also stops on a NaN or infinite loss (``stop_on_nonfinite``)."""
     from transformers import PrinterCallback
+    stop_on_nonfinite(trainer)
     if not config.train.progress:
         trainer.remove_callback(PrinterCallback)
+
+
+def check_finite(values: dict, where: str, kept: str = "nothing was saved") -> None:
+    """Stop a run whose loss (or any logged number) became NaN or infinite: training on from
+    there only writes garbage weights over the last good ones."""
+    import math
+    bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        from adapterkit.errors import TrainingDiverged
+        detail = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise TrainingDiverged(f"{where}: {detail}; the run stopped and {kept}. Lower "
+                               "train.learning_rate or check the data")
+
+
+def stop_on_nonfinite(trainer) -> None:
+    """A callback that raises ``TrainingDiverged`` when a logged loss is not finite."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            check_finite({k: float(v) for k, v in (logs or {}).items()
+                          if "loss" in k and isinstance(v, (int, float))}, f"step {state.global_step}")
+
+    trainer.add_callback(StopOnNonFinite())
 
 
 def keep_adapters_fp32(model) -> None:
@@ -75,6 +99,17 @@ def keep_adapters_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.to(torch.float32)
+
+
+def load_stage_tokenizer(config: StageConfig):
+    """The base's tokenizer, with ``data.chat_template`` when given, checked against the chat
+    contract: loaded before the model, so template and data errors cost no model load."""
+    from adapterkit.base import load_tokenizer
+    from adapterkit.data import check_chat_contract, use_chat_template
+    tokenizer = load_tokenizer(config.base)
+    use_chat_template(tokenizer, config.data.chat_template)
+    check_chat_contract(tokenizer, config.base.name)
+    return tokenizer
 
 
 def base_manifest(config: StageConfig, model, tokenizer, parent: list[dict] | None = None) -> dict:
@@ -104,6 +139,9 @@ def save_stage_artifact(config: StageConfig, manifest: dict,
         if extra is not None:
             extra(tmp)
 
+    from adapterkit.preflight import check_output
+    check_finite({k: v for k, v in manifest.get("metrics", {}).items() if "loss" in k}, f"{config.stage} run")
+    check_output(config)  # again: something may have appeared there while the run trained
     path = write_artifact(config.output.dir, write, manifest)
     record = AdapterRecord.from_dir(path)
     if config.output.publish:
@@ -116,7 +154,7 @@ def save_stage_artifact(config: StageConfig, manifest: dict,
 
 def run_dir() -> str:
     """Scratch space for the trainer (checkpoints are off; logs only). Stages remove it when
-    they finish; a run that stops early leaves it to be removed when the process exits."""
-    path = tempfile.mkdtemp(prefix="adapterkit-run-")
-    atexit.register(shutil.rmtree, path, True)
-    return path
+    they finish; a run that stops early leaves it to be removed when the process exits, and
+    one killed with -9 leaves it to the next run's sweep (its lock is free then)."""
+    from adapterkit.safety import owned_scratch
+    return str(owned_scratch(Path(tempfile.gettempdir()), "adapterkit-run-"))

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterkit.base import activate, load_base, load_parent_stack, parent_entry, use_adapters
+from adapterkit.base import (REWARD_STAGES, activate, load_model, load_parent_stack, parent_entry,
+                             use_adapters)
 from adapterkit.config import DPOConfig
-from adapterkit.data import check_chat_contract, load_data
+from adapterkit.data import load_data
 from adapterkit.evaluate import completion_logps, generate, mean_token_kl
+from adapterkit.preflight import preflight
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, quiet_trainer,
-                                      run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
+                                      quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
 from adapterkit.tokens import to_device
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
@@ -168,13 +170,14 @@ def setup_dpo(config: DPOConfig) -> DPORun:
     """Base, frozen parents, the policy adapter, data and trainer; nothing trained yet."""
     from transformers import set_seed
     from trl import DPOConfig as TrlDPOConfig
-    model, tokenizer = load_base(config.base)
-    check_chat_contract(tokenizer, config.base.name)
+    tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
     train_ds, eval_pairs, report = setup_data(config, tokenizer)
+    model = load_model(config.base)
     manifest = base_manifest(config, model, tokenizer)
     reward_dir = None
     if config.dpo.reward is not None:  # a wrong reward adapter fails now, not after training
-        reward_dir = parent_entry(config.dpo.reward, manifest["base"]["fingerprint"])["path"]
+        reward_dir = parent_entry(config.dpo.reward, manifest["base"]["fingerprint"], REWARD_STAGES,
+                                  "reward model")["path"]
     if config.base.quantization != "none":
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(
@@ -287,5 +290,6 @@ def finish_dpo(run: DPORun, result) -> AdapterRecord:
 
 def train_dpo(config: DPOConfig) -> AdapterRecord:
     """Train a DPO adapter on its parent stack as the config says; returns the saved record."""
+    preflight(config)  # output folder, adapters and data rows, before any model loads
     run = setup_dpo(config)
     return finish_dpo(run, run.trainer.train())

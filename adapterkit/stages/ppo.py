@@ -28,13 +28,15 @@ import torch
 
 from adapterkit import losses, rewards
 from adapterkit.artifact import atomic_dir
-from adapterkit.base import load_model, load_parent_stack, load_tokenizer, parent_entry, save_adapter
+from adapterkit.base import REWARD_STAGES, load_model, load_parent_stack, parent_entry, save_adapter
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
 from adapterkit.evaluate import generate, mean_token_kl, prompt_ids
+from adapterkit.preflight import preflight
 from adapterkit.plots import plot_curves
-from adapterkit.stages.common import AdapterRecord, base_manifest, save_stage_artifact
+from adapterkit.stages.common import (AdapterRecord, base_manifest, check_finite, load_stage_tokenizer,
+                                      save_stage_artifact)
 from adapterkit.tokens import left_pad, model_device
 
 log = logging.getLogger("adapterkit")
@@ -113,7 +115,7 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
         scorer = rewards.load_function(p.reward)
         manifest["reward_function"] = rewards.describe(p.reward)
     else:
-        manifest["reward_model"] = parent_entry(p.reward, base_fp)  # a directory or a registry ref
+        manifest["reward_model"] = parent_entry(p.reward, base_fp, REWARD_STAGES, "reward model")
         scorer = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=REWARD)
     if p.value_init in (None, "reward") and isinstance(scorer, RewardScorer):
         # a second copy of the reward's LoRA and head, trainable
@@ -169,11 +171,11 @@ def setup(config: PPOConfig) -> PPORun:
     acc = Accelerator(gradient_accumulation_steps=t.grad_accum, kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
     torch.manual_seed(t.seed)
-    tokenizer = load_tokenizer(config.base)
-    roles, manifest = build_model(config, acc.device, tokenizer)
+    tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
     raw = load_prompts(config.data.train, config, tokenizer)
     prompts = [prompt_ids(tokenizer, q) for q in raw]
     evals = load_prompts(config.data.eval, config, tokenizer) if config.data.eval else []
+    roles, manifest = build_model(config, acc.device, tokenizer)
     per_step = p.rollout_batch_size * acc.num_processes
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * len(prompts) / per_step)
     params = [q for q in roles.parameters() if q.requires_grad]
@@ -389,6 +391,8 @@ def train(run: PPORun) -> None:
         record_eval(run)  # step 0: the parent, the score to beat
     while run.step < run.total_steps and not patience_spent(run):
         entry = train_step(run)
+        check_finite(entry, f"ppo step {run.step}", "the last good checkpoint is kept"
+                     if p.checkpoint_every else "nothing was saved")
         if evaluating and (run.step % p.eval_every == 0 or run.step == run.total_steps):
             entry["eval_score"] = record_eval(run)
         bar.update(1)
@@ -555,6 +559,7 @@ def cleanup(run: PPORun) -> AdapterRecord:
 
 def train_ppo(config: PPOConfig) -> AdapterRecord:
     """Train a PPO policy adapter as the config says; returns the saved adapter's record."""
+    preflight(config)  # output folder, adapters and data rows, before any model loads
     run = setup(config)
     train(run)
     return cleanup(run)

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapterkit.base import (fingerprint, load_model, load_tokenizer, parent_entry,
-                             resolve_adapter, use_adapters)
-from adapterkit.config import BaseSection, RewardConfig
-from adapterkit.data import check_chat_contract, load_data
+from adapterkit.base import (REWARD_STAGES, check_base_on_disk, checked_adapter, fingerprint, load_model,
+                             load_tokenizer, parent_entry, trained_base, use_adapters)
+from adapterkit.config import RewardConfig
+from adapterkit.data import load_data
 from adapterkit.errors import DataError
+from adapterkit.preflight import preflight
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, quiet_trainer,
-                                      run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
+                                      quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
 from adapterkit.tokens import model_device, right_pad, to_device
 
 HEAD = "score"  # transformers' name for the sequence-classification head
@@ -123,13 +124,14 @@ class RewardScorer:
 
     @classmethod
     def load(cls, adapter: str | Path, device: str | None = None, registry: str | None = None) -> "RewardScorer":
-        """The base the adapter's manifest names (as it was quantized), with the adapter on it.
-        ``adapter``: a directory or a registry reference."""
-        from adapterkit.artifact import read_manifest
-        adapter_dir = resolve_adapter(adapter, registry)
-        section = BaseSection(**read_manifest(adapter_dir)["recipe"]["base"])
+        """The base the adapter's manifest names (as it was quantized; never with remote code),
+        with the adapter on it. ``adapter``: a directory or a registry reference. The adapter is
+        verified and the base's weights checked against its fingerprint before the base loads."""
+        adapter_dir, manifest = checked_adapter(adapter, REWARD_STAGES, "reward model", registry)
+        section = trained_base(manifest)
+        check_base_on_disk(section, manifest["base"].get("fingerprint"), str(adapter))
         model, tokenizer = load_model(section, device), load_tokenizer(section)
-        parent_entry(adapter_dir, fingerprint(model, tokenizer))  # refuses another base
+        parent_entry(adapter_dir, fingerprint(model, tokenizer), REWARD_STAGES, "reward model")
         return cls.attach(model, tokenizer, adapter_dir)
 
     @torch.no_grad()
@@ -169,6 +171,7 @@ def score_rows(scorer: RewardScorer, rows: list[dict], fmt: str) -> dict:
 
 def score_file(reward: str | Path, data: str, registry: str | None = None) -> dict:
     """``adapterkit score``: rewards for a file of pairs, prompt/completion rows or chats."""
+    checked_adapter(reward, REWARD_STAGES, "reward model", registry)  # before the data is read
     loaded = load_data(data, fmt="auto", allowed=("preference", "prompt_completion", "messages"))
     scorer = RewardScorer.load(reward, registry=registry)
     return score_rows(scorer, loaded.rows, loaded.format)
@@ -209,10 +212,10 @@ def build_model(config: RewardConfig):
 
 def train_reward(config: RewardConfig) -> AdapterRecord:
     """Train a reward adapter as the config says; returns the saved adapter's record."""
+    preflight(config)  # output folder, adapters and data rows, before any model loads
     from trl import RewardConfig as TrlRewardConfig, RewardTrainer
 
-    tokenizer = load_tokenizer(config.base)
-    check_chat_contract(tokenizer, config.base.name)
+    tokenizer = load_stage_tokenizer(config)
     train_ds, eval_pairs, report = setup_data(config, tokenizer)
     model = build_model(config)
     manifest = base_manifest(config, model, tokenizer)

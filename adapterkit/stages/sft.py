@@ -10,13 +10,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-from adapterkit.base import load_base
+from adapterkit.base import load_model
 from adapterkit.config import SFTConfig
-from adapterkit.data import (check_chat_contract, has_generation_markers, load_data,
-                             split_last_turn)
+from adapterkit.data import has_generation_markers, load_data, split_last_turn
+from adapterkit.preflight import preflight
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, quiet_trainer,
-                                      run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
+                                      quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
 
 log = logging.getLogger("adapterkit")
 SFT_FORMATS = ("messages", "prompt_completion", "text")
@@ -66,9 +66,9 @@ def setup_sft(config: SFTConfig) -> SFTRun:
     from transformers import set_seed
     from trl import SFTConfig as TrlSFTConfig, SFTTrainer
 
-    model, tokenizer = load_base(config.base)
-    check_chat_contract(tokenizer, config.base.name)
+    tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
     train_ds, eval_ds, assistant_only, report = setup_data(config, tokenizer)
+    model = load_model(config.base)
     manifest = base_manifest(config, model, tokenizer)
     if config.base.quantization != "none":
         model = prepare_model_for_kbit_training(
@@ -108,5 +108,6 @@ def finish_sft(run: SFTRun, result) -> AdapterRecord:
 
 def train_sft(config: SFTConfig) -> AdapterRecord:
     """Train an SFT adapter as the config says; returns the saved adapter's record."""
+    preflight(config)  # output folder, adapters and data rows, before any model loads
     run = setup_sft(config)
     return finish_sft(run, run.trainer.train())
