@@ -138,7 +138,9 @@ class PPOSection(Section):
     clip_range: float = Field(0.2, gt=0)
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
-    kl_coef: float = Field(0.05, ge=0)  # beta; the initial value when adaptive_kl
+    # beta, in the reward's units (a [0, 1] reward function wants ~10x less than a reward model
+    # scoring about +-8); the initial value when adaptive_kl
+    kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k1"
     adaptive_kl: bool = False
     kl_target: float = Field(6.0, gt=0)
@@ -170,9 +172,9 @@ class PPOConfig(StageConfig):
         if self.ppo.value_init == "reward" and rewards.is_function_ref(self.ppo.reward):
             raise ValueError("ppo.value_init=reward copies a reward adapter, but ppo.reward is a "
                              "function; use ppo.value_init=fresh")
-        if (self.ppo.keep_best or self.ppo.patience) and not (self.ppo.eval_every and self.data.eval):
+        if (self.ppo.keep_best or self.ppo.patience) and not self.ppo.eval_every:
             raise ValueError("ppo.keep_best and ppo.patience need held-out evaluations: set "
-                             "ppo.eval_every > 0 and data.eval")
+                             "ppo.eval_every > 0 (or turn them off)")
         minibatch = self.train.batch_size * self.train.grad_accum
         if self.ppo.rollout_batch_size % minibatch:
             raise ValueError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple "

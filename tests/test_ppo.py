@@ -13,7 +13,8 @@ from helpers import assert_close, load_nf4, tol
 
 # Margins over the SFT parent's held-out score that hold for tiny bases from seeds 0-4 (each
 # seed stands in for another CPU's rounding): benchmarks/seeds.py, see the README.
-FUNCTION_MARGIN = 0.05
+FUNCTION_MARGIN = 0.05  # measured: +0.094 to +0.296
+MODEL_MARGIN = 0.05     # reward adapter, the shipped recipe: +0.086 to +0.314
 
 
 def ppo_config(sft_adapter, reward_adapter, out, *overrides):
@@ -60,12 +61,13 @@ def ppo_run(sft_adapter, reward_adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(ppo_run):
-    """Train, keep the policy's logits on a probe batch, then evaluate and save."""
+    """Train, evaluate and save (the best evaluated policy), then keep the saved policy's
+    logits on a probe batch."""
     from adapterkit.stages.ppo import cleanup, train
     train(ppo_run)
+    record = cleanup(ppo_run)
     batch = probe(ppo_run)
-    logits = role_logits(ppo_run, "policy", batch)
-    return cleanup(ppo_run), batch, logits
+    return record, batch, role_logits(ppo_run, "policy", batch)
 
 
 def test_one_base_copy_with_every_role_on_it(ppo_run, tiny_dir):
@@ -131,7 +133,7 @@ def test_sampled_logprobs_are_those_of_a_training_forward(ppo_run):
 
 def test_ppo_beats_its_parent_under_the_ground_truth(trained):
     m = trained[0].metrics
-    assert m["score"] > m["parent_score"] + 0.05, m  # seeds 0-3 on one CPU: +0.13 to +0.16
+    assert m["score"] > m["parent_score"] + MODEL_MARGIN, m
     assert 0 < m["kl"] < 1.0, m  # mean per-token KL(policy || parent) on held-out answers, nats
     assert m["steps"] == 12
 
@@ -191,7 +193,7 @@ def function_ppo(sft_adapter, tmp_path_factory):
     return train_ppo(load_config("ppo", "tiny_ppo", [
         f"output.dir={tmp_path_factory.mktemp('ppo-fn') / 'adapter'}", "train.progress=false",
         "ppo.reward=adapterkit.tiny:reward", f"ppo.parent={json.dumps([str(sft_adapter.path)])}",
-        "ppo.eval_every=2", "ppo.keep_best=true"]))
+        "ppo.kl_coef=0.02"]))  # kl_coef is in reward units: [0, 1] here, about +-8 for the reward model
 
 
 def test_ppo_on_a_reward_function_beats_its_parent_widely(function_ppo):

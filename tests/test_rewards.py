@@ -58,8 +58,8 @@ def test_config_takes_functions_for_reward_and_scorer_and_writes_them_as_text():
     (["ppo.reward=adapterkit.tiny:reward", "ppo.value_init=reward"], "value_init=fresh"),
     (["ppo.scorer=not a function"], "ppo.scorer"),
     (["dpo.scorer=runs/tiny/reward"], "dpo.scorer"),
-    (["ppo.keep_best=true"], "eval_every"),
-    (["ppo.patience=2", "ppo.eval_every=2", "data.eval=null"], "eval_every"),
+    (["ppo.eval_every=0"], "eval_every"),  # the tiny recipe keeps the best evaluation
+    (["ppo.patience=2", "ppo.eval_every=0", "ppo.keep_best=false"], "eval_every"),
 ])
 def test_config_refuses_what_cannot_work(overrides, match):
     stage = "dpo" if overrides[0].startswith("dpo.") else "ppo"

@@ -387,6 +387,9 @@ def train(run: PPORun) -> None:
     bar = tqdm(total=run.total_steps, initial=run.step, desc="ppo", dynamic_ncols=True,
                disable=not (run.config.train.progress and acc.is_main_process))
     evaluating = p.eval_every and run.eval_prompts
+    if (p.keep_best or p.patience) and not run.eval_prompts:
+        log.warning("ppo.keep_best/ppo.patience: no held-out prompts (data.eval is empty), so "
+                    "nothing is evaluated and the last policy is saved")
     if evaluating and not run.evals:
         record_eval(run)  # step 0: the parent, the score to beat
     while run.step < run.total_steps and not patience_spent(run):
