@@ -16,7 +16,9 @@ import pytest
 
 from adapterkit.artifact import MANIFEST, sha256_file, write_artifact
 from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityError
-from adapterkit.registry import Registry, RegistryError, parse_ref, tree_lines
+from adapterkit.lineage import lineage, serving_stack, tree_lines
+from adapterkit.profiles import get_profile, list_profiles, profile_entries, profiles_using, set_profile
+from adapterkit.registry import Registry, RegistryError, parse_ref
 
 BASE = {"source": "tiny", "fingerprint": {"id": "base0000"}, "quantization": "nf4", "compute_dtype": "float32"}
 
@@ -121,13 +123,13 @@ def test_lineage_tree(reg, tmp_path):
               {"name": "lost", "path": "/gone", "sha256": "0" * 64}]
     dpo = reg.publish(fake_adapter(tmp_path / "dpo", stage="dpo", payload=b"dpo", parent=parent),
                       name="legal-dpo")
-    tree = reg.lineage(dpo.ref)
+    tree = lineage(reg, dpo.ref)
     assert tree["ref"] == "legal-dpo@1"
     assert [p["ref"] for p in tree["parents"]] == ["legal-sft@1", None]
     text = "\n".join(tree_lines(tree))
     assert "├── legal-sft@1  [sft, legal, base base0000]" in text
     assert "└── lost (not in the registry: /gone)" in text
-    assert reg.serving_stack(dpo.ref) == ["legal-sft@1", "legal-dpo@1"]
+    assert serving_stack(reg, dpo.ref) == ["legal-sft@1", "legal-dpo@1"]
 
 
 def test_remove_and_gc(reg, src):
@@ -149,27 +151,27 @@ def test_remove_and_gc(reg, src):
 def test_profiles(reg, tmp_path):
     reg.publish(fake_adapter(tmp_path / "a"), name="legal-sft")
     reg.publish(fake_adapter(tmp_path / "b", payload=b"b", stage="dpo"), name="legal-dpo")
-    p = reg.set_profile("legal", ["legal-sft@1", "legal-dpo"])
+    p = set_profile(reg, "legal", ["legal-sft@1", "legal-dpo"])
     assert (p.domain, p.mode, p.stack) == ("legal", "stack", ["legal-sft@1", "legal-dpo"])
-    assert [e.ref for e in reg.profile_entries("legal")] == ["legal-sft@1", "legal-dpo@1"]
-    assert [q.name for q in reg.profiles()] == ["legal"] and reg.profiles_using("legal-dpo") == ["legal"]
+    assert [e.ref for e in profile_entries(reg, "legal")] == ["legal-sft@1", "legal-dpo@1"]
+    assert [q.name for q in list_profiles(reg)] == ["legal"] and profiles_using(reg, "legal-dpo") == ["legal"]
     with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-rm', which is not in the registry"):
-        reg.set_profile("legal", ["legal-sft", "legal-rm"])
+        set_profile(reg, "legal", ["legal-sft", "legal-rm"])
     with pytest.raises(RegistryError, match="mode 'fold' is not one of stack, merge, export"):
-        reg.set_profile("legal", ["legal-sft"], mode="fold")
+        set_profile(reg, "legal", ["legal-sft"], mode="fold")
     reg.remove("legal-dpo@1")  # the profile now names a missing adapter: using it says so
     with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-dpo', which is not in the registry"):
-        reg.profile_entries("legal")
+        profile_entries(reg, "legal")
     with pytest.raises(RegistryError, match=r"no profile named 'nope' .*profiles: legal"):
-        reg.profile("nope")
+        get_profile(reg, "nope")
 
 
 def test_profile_refuses_mixed_bases(reg, tmp_path):
     reg.publish(fake_adapter(tmp_path / "a"), name="a")
     reg.publish(fake_adapter(tmp_path / "b", base=dict(BASE, fingerprint={"id": "other"})), name="b")
     with pytest.raises(CompatibilityError, match="trained on different bases .*a@1 on base0000, b@1 on other"):
-        reg.set_profile("mixed", ["a", "b"])
-    assert reg.set_profile("mixed", ["a", "b"], force=True).stack == ["a", "b"]
+        set_profile(reg, "mixed", ["a", "b"])
+    assert set_profile(reg, "mixed", ["a", "b"], force=True).stack == ["a", "b"]
 
 
 # -- crash safety and concurrency, in real processes ------------------------------------------
@@ -296,5 +298,5 @@ def test_quickstart_publish_step(tmp_path):
     assert ctx.summary["registry"] == str(tmp_path / "run" / "adapters") and ctx.summary["profile"] == "flip"
     reg = Registry.open(ctx.summary["registry"])
     assert [e.ref for e in reg.list()] == ["tiny-dpo@1", "tiny-reward@1", "tiny-sft@1"]
-    assert reg.profile("flip").stack == ["tiny-sft@1", "tiny-dpo@1"]
+    assert get_profile(reg, "flip").stack == ["tiny-sft@1", "tiny-dpo@1"]
     assert ctx.summary["registry_tree"][0].startswith("tiny-dpo@1") and "tiny-sft@1" in ctx.summary["registry_tree"][1]

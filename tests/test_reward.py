@@ -71,7 +71,8 @@ def test_vanilla_seqcls_peft_load_gives_same_scores(reward_adapter, tiny_dir, ev
 def test_scorer_shares_the_policy_base(reward_adapter, sft_adapter, scorer, tiny_dir, eval_pairs):
     """Attached beside a policy adapter, the reward scores as it does alone and leaves the
     policy's outputs and trainable flags as they were."""
-    from adapterkit.base import activate, load_adapters, load_base
+    from adapterkit.adapters import activate, load_adapters
+    from adapterkit.base import load_base
     from adapterkit.config import BaseSection
     from adapterkit.evaluate import prompt_ids
     from adapterkit.stages.reward import RewardScorer

@@ -57,7 +57,8 @@ def test_artifact_holds_only_adapter_weights_and_a_manifest(sft_adapter):
 def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from adapterkit.base import load_adapters, load_base
+    from adapterkit.adapters import load_adapters
+    from adapterkit.base import load_base
     config = load_config("sft", sft_adapter.path / "config.yaml")
     ours, tok = load_base(config.base)
     ours, _ = load_adapters(ours, [sft_adapter.path])
@@ -78,7 +79,8 @@ def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
 
 def test_sft_beats_the_base_on_held_out_prompts(sft_adapter, tiny_dir):
     from adapterkit import tiny
-    from adapterkit.base import load_adapters, load_base
+    from adapterkit.adapters import load_adapters
+    from adapterkit.base import load_base
     from adapterkit.evaluate import mean_score
     from conftest import load_jsonl
     config = load_config("sft", sft_adapter.path / "config.yaml")

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterkit.base import (REWARD_STAGES, activate, load_model, load_parent_stack, parent_entry,
-                             use_adapters)
+from adapterkit.adapters import (REWARD_STAGES, activate, load_parent_stack, lora_config, parent_record,
+                                 use_adapters)
+from adapterkit.base import load_model
 from adapterkit.config import DPOConfig
 from adapterkit.data import load_data
 from adapterkit.evaluate import completion_logps, generate, mean_token_kl
@@ -89,7 +90,6 @@ class Stack:
 def build_stack(config: DPOConfig, model, base_fp: dict):
     """Frozen parents + the trainable ``default`` adapter; returns (PeftModel, Stack)."""
     from peft import get_peft_model
-    from adapterkit.stages.sft import lora_config
     model, parents, entries = load_parent_stack(model, config.dpo.parent, base_fp)
     if config.dpo.mode == "continue":  # a trainable copy of the last parent replaces it
         model.load_adapter(entries[-1]["path"], adapter_name=ADAPTER, is_trainable=True)
@@ -176,7 +176,7 @@ def setup_dpo(config: DPOConfig) -> DPORun:
     manifest = base_manifest(config, model, tokenizer)
     reward_dir = None
     if config.dpo.reward is not None:  # a wrong reward adapter fails now, not after training
-        reward_dir = parent_entry(config.dpo.reward, manifest["base"]["fingerprint"], REWARD_STAGES,
+        reward_dir = parent_record(config.dpo.reward, manifest["base"]["fingerprint"], REWARD_STAGES,
                                   "reward model")["path"]
     if config.base.quantization != "none":
         from peft import prepare_model_for_kbit_training

@@ -28,7 +28,8 @@ import torch
 
 from adapterkit import losses, rewards
 from adapterkit.artifact import atomic_dir
-from adapterkit.base import REWARD_STAGES, load_model, load_parent_stack, parent_entry, save_adapter
+from adapterkit.adapters import REWARD_STAGES, activate, load_parent_stack, lora_config, parent_record, save_adapter
+from adapterkit.base import load_model
 from adapterkit.config import PPOConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
@@ -55,22 +56,20 @@ class SharedBase(torch.nn.Module):
 
     ``forward(role, ...)`` is the trainable pass (policy logits or values); the frozen roles run
     through ``score`` and ``response_logits`` under no_grad. Only policy and value weights ever
-    require grad: peft's ``set_adapter`` toggles requires_grad, so ``use`` puts it back."""
+    require grad: peft's ``set_adapter`` toggles requires_grad, so ``use`` (``adapters.activate``)
+    puts it back."""
 
     def __init__(self, peft_model, parents: list[str], scorer, value_head, temperature=1.0):
         super().__init__()
         self.peft, self.value_head, self.temperature = peft_model, value_head, temperature
         # reward.RewardScorer (the frozen "reward" adapter and its head), or a reward function
         self.scorer = scorer
-        self.roles = {"reference": parents, "policy": [*parents, POLICY], "value": [VALUE]}
-        self._lora = [(p, f".{POLICY}." in n or f".{VALUE}." in n)
-                      for n, p in peft_model.named_parameters() if "lora_" in n]
+        self.stacks = {"reference": parents, "policy": [*parents, POLICY], "value": [VALUE]}  # role -> adapters
         self.use("policy")
 
     def use(self, role: str) -> None:
-        self.peft.base_model.set_adapter(self.roles[role])  # [] = the bare base
-        for param, trainable in self._lora:
-            param.requires_grad_(trainable)
+        """Switch on ``role``'s adapters ([] = the bare base); policy and value stay trainable."""
+        activate(self.peft, self.stacks[role], (POLICY, VALUE))
 
     def response_logits(self, ids, mask, n_resp: int):
         """Logits that predict the last n_resp tokens. (B, L) -> (B, R, V)"""
@@ -101,7 +100,6 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
     manifest (with the parent stack and the reward adapter recorded)."""
     from peft import get_peft_model
     from adapterkit.stages.reward import RewardScorer
-    from adapterkit.stages.sft import lora_config
     p = config.ppo
     model = load_model(config.base, device)  # 4-bit kernels kept differentiable (quant.py)
     manifest = base_manifest(config, model, tokenizer)
@@ -115,7 +113,7 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
         scorer = rewards.load_function(p.reward)
         manifest["reward_function"] = rewards.describe(p.reward)
     else:
-        manifest["reward_model"] = parent_entry(p.reward, base_fp, REWARD_STAGES, "reward model")
+        manifest["reward_model"] = parent_record(p.reward, base_fp, REWARD_STAGES, "reward model")
         scorer = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=REWARD)
     if p.value_init in (None, "reward") and isinstance(scorer, RewardScorer):
         # a second copy of the reward's LoRA and head, trainable
@@ -524,7 +522,7 @@ def evaluate_policy(run: PPORun) -> dict:
         roles.use(role)
         responses[role] = generate(roles.peft, run.tokenizer, prompts, **kw)
     out = {"kl": mean_token_kl(roles.peft, run.tokenizer, prompts, responses["policy"],
-                               roles.roles["policy"], roles.roles["reference"])}
+                               roles.stacks["policy"], roles.stacks["reference"])}
     if p.scorer is not None:
         score = rewards.load_function(p.scorer)
         for role, key in (("policy", "score"), ("reference", "parent_score")):

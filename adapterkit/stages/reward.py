@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapterkit.base import (REWARD_STAGES, check_base_on_disk, checked_adapter, fingerprint, load_model,
-                             load_tokenizer, parent_entry, trained_base, use_adapters)
+from adapterkit.adapters import REWARD_STAGES, checked_adapter, lora_config, parent_record, use_adapters
+from adapterkit.base import check_base_on_disk, fingerprint, load_model, load_tokenizer, trained_base
 from adapterkit.config import RewardConfig
 from adapterkit.data import load_data
 from adapterkit.errors import DataError
@@ -33,24 +33,10 @@ from adapterkit.preflight import preflight
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
                                       quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
-from adapterkit.tokens import model_device, right_pad, to_device
+from adapterkit.tokens import conversation_ids, model_device, right_pad, to_device
 
 HEAD = "score"  # transformers' name for the sequence-classification head
 SCORES_FILE = "eval_scores.json"
-
-
-# -- tokenization: one rule for training and scoring -----------------------------------------
-
-def conversation_ids(tokenizer, prompt, response) -> list[int]:
-    """Prompt + response as trl's RewardTrainer tokenizes them (chat template, or text + EOS)."""
-    if isinstance(prompt, list) or isinstance(response, list):
-        turns = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
-        out = tokenizer.apply_chat_template((prompt or []) + turns, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    text = (prompt or "") + response
-    if not text.endswith(tokenizer.eos_token):
-        text += tokenizer.eos_token
-    return tokenizer(text=text)["input_ids"]
 
 
 def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -131,7 +117,7 @@ class RewardScorer:
         section = trained_base(manifest)
         check_base_on_disk(section, manifest["base"].get("fingerprint"), str(adapter))
         model, tokenizer = load_model(section, device), load_tokenizer(section)
-        parent_entry(adapter_dir, fingerprint(model, tokenizer), REWARD_STAGES, "reward model")
+        parent_record(adapter_dir, fingerprint(model, tokenizer), REWARD_STAGES, "reward model")
         return cls.attach(model, tokenizer, adapter_dir)
 
     @torch.no_grad()
@@ -200,7 +186,6 @@ def build_model(config: RewardConfig):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
-    from adapterkit.stages.sft import lora_config
     set_seed(config.train.seed)  # the head starts random: make it the same random every run
     with suppress_seqcls_warning():
         model = load_model(config.base, num_labels=1)

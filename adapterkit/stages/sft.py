@@ -10,6 +10,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 
+from adapterkit.adapters import lora_config
 from adapterkit.base import load_model
 from adapterkit.config import SFTConfig
 from adapterkit.data import has_generation_markers, load_data, split_last_turn
@@ -20,13 +21,6 @@ from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapter
 
 log = logging.getLogger("adapterkit")
 SFT_FORMATS = ("messages", "prompt_completion", "text")
-
-
-def lora_config(config, task_type: str = "CAUSAL_LM"):
-    from peft import LoraConfig
-    lo = config.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
-                      target_modules=lo.target_modules, task_type=task_type, bias="none")
 
 
 def setup_data(config: SFTConfig, tokenizer):
