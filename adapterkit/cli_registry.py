@@ -73,7 +73,8 @@ def _registry_remove(args) -> None:
 
 
 def _registry_gc(args) -> None:
-    removed = _open_registry(args).gc(dry_run=args.dry_run)
+    from adapterkit.registry_gc import gc
+    removed = gc(_open_registry(args), dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print("\n".join(f"{verb} {p}" for p in removed) or "nothing to remove")
 

@@ -1,5 +1,5 @@
-"""The adapter store: publish, resolve, verify, remove, gc (lineage: ``lineage.py``; profiles,
-which live in the same index: ``profiles.py``).
+"""The adapter store: publish, resolve, verify, remove (gc: ``registry_gc.py``; lineage:
+``lineage.py``; profiles, which live in the same index: ``profiles.py``).
 
 A registry is a directory (``./adapters`` unless ``--registry DIR`` or $ADAPTERKIT_REGISTRY)
 that says it is one: its ``index.sqlite`` carries SQLite's ``application_id`` (``APP_ID``) and
@@ -417,71 +417,12 @@ class Registry:
         for e in entries:
             shutil.rmtree(e.path, ignore_errors=True)
         with self.transaction():  # holding the lock: no publisher is between its mkdir and rename
-            _rmdir_if_empty(self.root / name)
+            rmdir_if_empty(self.root / name)
         return [e.ref for e in entries]
 
-    def gc(self, dry_run: bool = False) -> list[str]:
-        """Delete what crashed or killed publishes left, and nothing else: unowned staging
-        folders in ``.tmp``, and version folders ``<name>/<N>`` with no index row that the
-        registry made (the name has rows, or the folder's manifest was stamped with that very
-        name and version). Returns the paths removed (with ``dry_run``: that would be)."""
-        self.require()
-        removed = self._gc_staging(dry_run)
-        with self.transaction() as db:  # holding the lock: no publisher is between rename and commit
-            rows = {(r[0], r[1]) for r in db.execute("SELECT name, version FROM entries")}
-            names = {name for name, _ in rows}
-            orphans = [d for d in sorted(self.root.glob("*/*")) if self._orphan_version(d, rows, names)]
-            removed += [str(d) for d in orphans]
-            if not dry_run:
-                for d in orphans:
-                    shutil.rmtree(d)
-                for name in names | {d.parent.name for d in orphans}:
-                    _rmdir_if_empty(self.root / name)
-        return removed
 
-    def _orphan_version(self, d: Path, rows: set, names: set) -> bool:
-        """A version folder this registry made whose publish never committed."""
-        name, version = d.parent.name, _as_int(d.name)
-        if (version is None or d.is_symlink() or not d.is_dir() or name.startswith(".")
-                or not NAME_RE.match(name) or (name, version) in rows):
-            return False
-        if name in names:
-            return True
-        try:
-            stamped = read_manifest(d)
-        except AdapterkitError:
-            return False
-        return stamped.get("name") == name and stamped.get("version") == version
-
-    def _gc_staging(self, dry_run: bool = False) -> list[str]:
-        removed = []
-        tmp_root = self.root / TMP
-        if not tmp_root.is_dir():
-            return removed
-        for lock_path in tmp_root.glob("*.lock"):
-            with open(lock_path, "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # a live publisher holds it
-                removed.append(str(tmp_root / lock_path.stem))
-                if not dry_run:
-                    shutil.rmtree(tmp_root / lock_path.stem, ignore_errors=True)
-                    os.unlink(lock_path)
-        for d in tmp_root.iterdir():  # a staging dir with no lock file has no owner
-            if d.is_dir() and not (tmp_root / f"{d.name}.lock").exists() and str(d) not in removed:
-                removed.append(str(d))
-                if not dry_run:
-                    shutil.rmtree(d, ignore_errors=True)
-        return removed
-
-
-def _rmdir_if_empty(folder: Path) -> None:
+def rmdir_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
         pass  # not empty, or gone
-
-
-def _as_int(text: str) -> int | None:
-    return int(text) if text.isdigit() and str(int(text)) == text else None

@@ -19,6 +19,7 @@ from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityErro
 from adapterkit.lineage import lineage, serving_stack, tree_lines
 from adapterkit.profiles import get_profile, list_profiles, profile_entries, profiles_using, set_profile
 from adapterkit.registry import Registry, RegistryError, parse_ref
+from adapterkit.registry_gc import gc
 
 BASE = {"source": "tiny", "fingerprint": {"id": "base0000"}, "quantization": "nf4", "compute_dtype": "float32"}
 
@@ -141,10 +142,10 @@ def test_remove_and_gc(reg, src):
     assert [e.ref for e in reg.list()] == ["legal-sft@2"] and not (reg.root / "legal-sft" / "1").exists()
     (reg.root / "legal-sft" / "9").mkdir()  # a version dir with no row
     (reg.root / ".tmp" / "deadbeef").mkdir()  # a staging dir with no owner
-    removed = reg.gc()
+    removed = gc(reg)
     assert sorted(os.path.basename(p) for p in removed) == ["9", "deadbeef"]
     assert reg.remove("legal-sft@all") == ["legal-sft@2"]
-    reg.gc()
+    gc(reg)
     assert not (reg.root / "legal-sft").exists()
 
 
@@ -212,7 +213,7 @@ def test_publish_killed_midway_leaves_all_or_nothing(reg, src, point):
     assert entries == (["legal-sft@1"] if point == "published" else [])  # the index: all or nothing
     if entries:
         reg.verify("legal-sft@1")  # and a whole entry, every file intact
-    reg.gc()
+    gc(reg)
     _consistent(reg)
     assert reg.publish(src, name="legal-sft").version == len(entries) + 1  # the registry still works
 
