@@ -101,7 +101,7 @@ def _dpo_args(p):
 
 
 def _run_score(args) -> None:
-    from adapterkit.stages.reward import score_file
+    from adapterkit.scorer import score_file
     result = score_file(args.reward, args.data, registry=args.registry)
     if args.json:
         print_json(result)

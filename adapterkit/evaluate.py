@@ -79,3 +79,25 @@ def mean_token_kl(model, tokenizer, prompts: list, responses: list, policy: list
         total += (kl * comp[:, 1:]).sum().item()
         count += int(comp[:, 1:].sum())
     return total / max(count, 1)
+
+
+# -- a policy against its parent -------------------------------------------------------------------
+
+def compare_to_parent(model, tokenizer, prompts: list, policy: list[str], parent: list[str], scorer=None,
+                      max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
+    """Greedy responses of the policy and of its parent (adapter name lists) to held-out prompts:
+    the mean per-token KL(policy || parent) on the policy's responses, and each one's mean score
+    under ``scorer`` (a reward function or its name) when given. Returns (metrics, responses)."""
+    from adapterkit.adapters import use_adapters
+    from adapterkit.rewards import load_function, score_completions
+    responses = {}
+    for who, adapters in (("policy", policy), ("parent", parent)):
+        with use_adapters(model, adapters):
+            responses[who] = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
+    out = {"kl": mean_token_kl(model, tokenizer, prompts, responses["policy"], policy, parent)}
+    if scorer is not None:
+        score = load_function(scorer)
+        for who, key in (("policy", "score"), ("parent", "parent_score")):
+            out[key] = sum(score_completions(score, prompts, responses[who])) / len(prompts)
+    return out, responses

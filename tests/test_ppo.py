@@ -61,11 +61,11 @@ def ppo_run(sft_adapter, reward_adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(ppo_run):
     """Train, keep the policy's logits on a probe batch, then evaluate and save."""
-    from adapterkit.stages.ppo import cleanup, train
+    from adapterkit.stages.ppo import finish, train
     train(ppo_run)
     batch = probe(ppo_run)
     logits = role_logits(ppo_run, "policy", batch)
-    return cleanup(ppo_run), batch, logits
+    return finish(ppo_run), batch, logits
 
 
 def test_one_base_copy_with_every_role_on_it(ppo_run, tiny_dir):

@@ -18,7 +18,7 @@ def lora_state(model):
 
 def test_one_step_moves_lora_and_leaves_the_4bit_base(tiny_dir, tmp_path):
     import bitsandbytes as bnb
-    from adapterkit.stages.sft import setup_sft
+    from adapterkit.stages.sft import setup as setup_sft
     config = load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'a'}", "train.max_steps=3",
                                               "train.progress=false", "data.eval=null"])
     run = setup_sft(config)

@@ -21,6 +21,7 @@ setup (base, parents, policy adapter, data, trainer) -> train -> evaluate agains
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,11 @@ from adapterkit.adapters import (REWARD_STAGES, activate, load_parent_stack, lor
 from adapterkit.base import load_model
 from adapterkit.config import DPOConfig
 from adapterkit.data import load_data
-from adapterkit.evaluate import completion_logps, generate, mean_token_kl
-from adapterkit.preflight import preflight
+from adapterkit.evaluate import compare_to_parent, completion_logps
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
-                                      quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
+                                      load_stage_tokenizer, quiet_trainer, run_dir, run_stage,
+                                      save_stage_artifact, trainer_kwargs)
 from adapterkit.tokens import to_device
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
@@ -80,7 +81,7 @@ def _trainer_class():
 # -- setup ---------------------------------------------------------------------------------------------
 
 @dataclass
-class Stack:
+class PolicyStack:
     """Adapter names switched on for the policy and for the reference, and the parent records."""
     policy: list[str]
     reference: list[str]
@@ -88,7 +89,7 @@ class Stack:
 
 
 def build_stack(config: DPOConfig, model, base_fp: dict):
-    """Frozen parents + the trainable ``default`` adapter; returns (PeftModel, Stack)."""
+    """Frozen parents + the trainable ``default`` adapter; returns (PeftModel, PolicyStack)."""
     from peft import get_peft_model
     model, parents, entries = load_parent_stack(model, config.dpo.parent, base_fp)
     if config.dpo.mode == "continue":  # a trainable copy of the last parent replaces it
@@ -101,7 +102,7 @@ def build_stack(config: DPOConfig, model, base_fp: dict):
         model = get_peft_model(model, lora_config(config))
         policy = [ADAPTER]
     activate(model, policy, [ADAPTER])
-    return model, Stack(policy, parents, entries)
+    return model, PolicyStack(policy, parents, entries)
 
 
 def snapshot_adapters(model) -> dict[str, torch.Tensor]:
@@ -109,7 +110,7 @@ def snapshot_adapters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def restore_adapters(model, saved: dict[str, torch.Tensor], stack: Stack) -> None:
+def restore_adapters(model, saved: dict[str, torch.Tensor], stack: PolicyStack) -> None:
     """Undo what trl 1.16's init does to a PeftModel it is handed: it adds a ``ref`` copy of
     ``default`` (a second policy-sized adapter we never use) and, on a quantized base, casts
     the trainable weights to bf16 (``continue`` would start from a bf16-rounded parent). Every
@@ -124,12 +125,8 @@ def restore_adapters(model, saved: dict[str, torch.Tensor], stack: Stack) -> Non
 
 def setup_data(config: DPOConfig, tokenizer):
     from datasets import Dataset
-    d = config.data
-    kw = dict(fmt=d.format, allowed=("preference",), tokenizer=tokenizer, max_length=d.max_length,
-              on_long=d.on_long, hub_split=d.hub_split)
-    train = load_data(d.train, **kw)
-    evals = load_data(d.eval, **kw).rows if d.eval else []
-    return Dataset.from_list(train.rows), evals, {"train_rows": len(train.rows), **train.report}
+    train, evals = load_splits(config, ("preference",), tokenizer)
+    return Dataset.from_list(train.rows), (evals.rows if evals else []), {"train_rows": len(train.rows), **train.report}
 
 
 def precompute_reference(trainer, batch_size: int) -> None:
@@ -156,17 +153,17 @@ def loss_terms(d) -> dict:
 
 @dataclass
 class DPORun:
-    """Everything ``setup_dpo`` builds; ``finish_dpo`` evaluates it and saves the artifact."""
+    """Everything ``setup`` builds; ``finish`` evaluates it and saves the artifact."""
     config: DPOConfig
     trainer: object  # StackDPOTrainer over the PeftModel
-    stack: Stack
+    stack: PolicyStack
     eval_pairs: list[dict]
     manifest: dict
     report: dict
     reward_dir: str | None  # resolved and checked against the base before training
 
 
-def setup_dpo(config: DPOConfig) -> DPORun:
+def setup(config: DPOConfig) -> DPORun:
     """Base, frozen parents, the policy adapter, data and trainer; nothing trained yet."""
     from transformers import set_seed
     from trl import DPOConfig as TrlDPOConfig
@@ -210,7 +207,7 @@ def pair_logps(model, tokenizer, pairs: list[dict], adapters: list[str]) -> tupl
                 completion_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs]))
 
 
-def evaluate_pairs(model, tokenizer, pairs: list[dict], stack: Stack, beta: float) -> dict:
+def evaluate_pairs(model, tokenizer, pairs: list[dict], stack: PolicyStack, beta: float) -> dict:
     """Held-out pairs: implicit rewards beta*log(pi/ref), and how often each model prefers chosen."""
     pc, pr = pair_logps(model, tokenizer, pairs, stack.policy)      # (N,), (N,)
     rc, rr = pair_logps(model, tokenizer, pairs, stack.reference)
@@ -222,22 +219,14 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], stack: Stack, beta: floa
             "parent_pref_accuracy": (rc > rr).float().mean().item()}
 
 
-def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: Stack, reward_dir: str | None) -> dict:
+def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: PolicyStack, reward_dir: str | None) -> dict:
     """Greedy responses of policy and parent on held-out prompts: ground-truth score, KL of the
     policy to its parent on the policy's responses, and the win rate under a reward model."""
     d = config.dpo
     prompts = [r["prompt"] for r in load_data(d.prompts, fmt="auto", allowed=("prompt", "preference",
                                                                               "prompt_completion")).rows]
-    responses = {}
-    for who, adapters in (("policy", stack.policy), ("parent", stack.reference)):
-        with use_adapters(model, adapters):
-            responses[who] = generate(model, tokenizer, prompts, max_new_tokens=d.max_new_tokens)
-    out = {"kl": mean_token_kl(model, tokenizer, prompts, responses["policy"], stack.policy, stack.reference)}
-    if d.scorer is not None:
-        from adapterkit.rewards import load_function, score_completions
-        score = load_function(d.scorer)
-        for who, key in (("policy", "score"), ("parent", "parent_score")):
-            out[key] = sum(score_completions(score, prompts, responses[who])) / len(prompts)
+    out, responses = compare_to_parent(model, tokenizer, prompts, stack.policy, stack.reference, d.scorer,
+                                       d.max_new_tokens)
     if reward_dir is not None:
         out["win_rate"] = win_rate(model, tokenizer, reward_dir, prompts, responses)
     return out
@@ -245,7 +234,7 @@ def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: Stack, reward_d
 
 def win_rate(model, tokenizer, reward_dir: str, prompts: list, responses: dict) -> float:
     """Share of prompts where the reward model prefers the policy's response (ties count half)."""
-    from adapterkit.stages.reward import RewardScorer
+    from adapterkit.scorer import RewardScorer
     scorer = RewardScorer.attach(model, tokenizer, reward_dir, name="reward")
     policy, parent = scorer.score(prompts, responses["policy"]), scorer.score(prompts, responses["parent"])
     model.delete_adapter("reward")
@@ -262,7 +251,11 @@ def last_logged(history: list[dict]) -> dict:
     return out
 
 
-def finish_dpo(run: DPORun, result) -> AdapterRecord:
+def train(run: DPORun):
+    return run.trainer.train()
+
+
+def finish(run: DPORun, result) -> AdapterRecord:
     """Evaluate against the parent, then save ``default`` alone with the manifest and curves."""
     config, trainer, stack = run.config, run.trainer, run.stack
     model, tokenizer = trainer.model, trainer.processing_class
@@ -290,6 +283,4 @@ def finish_dpo(run: DPORun, result) -> AdapterRecord:
 
 def train_dpo(config: DPOConfig) -> AdapterRecord:
     """Train a DPO adapter on its parent stack as the config says; returns the saved record."""
-    preflight(config)  # output folder, adapters and data rows, before any model loads
-    run = setup_dpo(config)
-    return finish_dpo(run, run.trainer.train())
+    return run_stage(sys.modules[__name__], config)
