@@ -159,6 +159,7 @@ STEP0 = {  # (overrides, loss at step 0 when the policy equals its reference)
 
 @pytest.mark.parametrize("case", list(STEP0))
 def test_step0_policy_equals_reference(case, sft_adapter, tmp_path):
+    from adapterkit._compat import trainer_metrics
     from adapterkit.stages.dpo import LOGGED, finish as finish_dpo, setup as setup_dpo
     overrides, expected = STEP0[case]
     run = setup_dpo(dpo_config(sft_adapter, tmp_path / "out", "data.train=tiny:preferences_eval", "data.eval=null",
@@ -169,8 +170,8 @@ def test_step0_policy_equals_reference(case, sft_adapter, tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch).item()
-    logged = {k: trainer._metrics["eval"][k][-1] for k in LOGGED}
-    trainer._metrics["eval"].clear()
+    logged = {k: trainer_metrics(trainer)[k][-1] for k in LOGGED}
+    trainer_metrics(trainer).clear()
     assert loss == pytest.approx(expected, abs=tol(cpu=1e-6, cuda=1e-2))
     # GPU: the policy (adapter on, B = 0) and the reference pass run different kernels in bf16
     zero = tol(cpu=0, cuda=1e-2)

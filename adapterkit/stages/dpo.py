@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapterkit import _compat
 from adapterkit.adapters import (REWARD_STAGES, activate, load_parent_stack, lora_config, parent_record,
                                  use_adapters)
 from adapterkit.base import load_model
@@ -48,7 +49,6 @@ LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accu
 
 def _trainer_class():
     from trl import DPOTrainer
-    from trl.models.utils import disable_gradient_checkpointing
 
     class StackDPOTrainer(DPOTrainer):
         """trl's DPOTrainer whose reference log-probs come from the parent stack
@@ -60,22 +60,19 @@ def _trainer_class():
             kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)  # (2B, T)
             peft_model = self.accelerator.unwrap_model(self.model)
-            with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            with (torch.no_grad(),
+                  _compat.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
                   use_adapters(peft_model, self.reference), self.accelerator.autocast()):
                 per_token = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True).log_probs
             logps = per_token[:, -(labels.shape[1] - 1):].sum(dim=1)  # (2B,); 0 off the completion
             return logps.chunk(2, dim=0)
 
-        def _compute_loss(self, model, inputs, return_outputs):
-            if REF_KEYS[0] not in inputs:  # not precomputed: one reference forward per batch
-                inputs = {**inputs, **dict(zip(REF_KEYS, self.compute_ref_log_probs(model, inputs)))}
-            self.precompute_ref_logps = True  # trl then reads the reference from the batch
-            try:
-                return super()._compute_loss(model, inputs, return_outputs)
-            finally:
-                self.precompute_ref_logps = False
+    def add_reference(trainer, model, inputs):
+        if REF_KEYS[0] in inputs:  # precomputed (``dpo.precompute_ref_logps``)
+            return inputs
+        return {**inputs, **dict(zip(REF_KEYS, trainer.compute_ref_log_probs(model, inputs)))}
 
-    return StackDPOTrainer
+    return _compat.with_reference_in_batch(StackDPOTrainer, add_reference)  # trl reads them from the batch
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -115,8 +112,8 @@ def restore_adapters(model, saved: dict[str, torch.Tensor], stack: PolicyStack) 
     ``default`` (a second policy-sized adapter we never use) and, on a quantized base, casts
     the trainable weights to bf16 (``continue`` would start from a bf16-rounded parent). Every
     adapter gets its exact weights back; only ``default`` trains."""
-    if "ref" in model.peft_config:
-        model.delete_adapter("ref")
+    if _compat.TRL_REF_ADAPTER in model.peft_config:
+        model.delete_adapter(_compat.TRL_REF_ADAPTER)
     params = dict(model.named_parameters())
     for name, value in saved.items():
         params[name].data = value

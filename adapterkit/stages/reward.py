@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterkit import _compat
 from adapterkit.adapters import lora_config
 from adapterkit.base import load_model
 from adapterkit.config import RewardConfig
@@ -54,9 +55,8 @@ def build_model(config: RewardConfig):
     """The base as a 1-label classifier with a LoRA adapter; the head trains in full."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
-    from trl.trainer.reward_trainer import suppress_seqcls_warning
     set_seed(config.train.seed)  # the head starts random: make it the same random every run
-    with suppress_seqcls_warning():
+    with _compat.suppress_seqcls_warning():
         model = load_model(config.base, num_labels=1)
     if config.base.quantization != "none":
         model = prepare_model_for_kbit_training(
