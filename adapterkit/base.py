@@ -22,10 +22,12 @@ def default_device() -> str:
 
 
 def resolve_base(name: str) -> str:
-    """``tiny`` -> the cached embedded base; a local directory stays; else a hub name."""
-    if name == "tiny":
-        from adapterkit.tiny import ensure_tiny
-        return str(ensure_tiny() / "base")
+    """A registered name (``tiny``: the cached embedded base; see ``resolvers.py``) -> its
+    directory; a local directory stays; else a hub name."""
+    from adapterkit.resolvers import resolve_base_name
+    registered = resolve_base_name(name)
+    if registered is not None:
+        return registered
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())

@@ -83,21 +83,15 @@ def _tiny_args(p):
     p.add_argument("--json", action="store_true")
 
 
-@command("sft", "train a QLoRA SFT adapter from a recipe", lambda args: _train("sft", args))
-def _sft_args(p):
-    _add_recipe(p)
+def _register_stages() -> None:
+    """One training command per stage config (``config.STAGE_CONFIGS``: the one stage list)."""
+    from functools import partial
+    from adapterkit.config import STAGE_CONFIGS
+    for stage, cls in STAGE_CONFIGS.items():
+        command(stage, " ".join(cls.__doc__.split()), partial(_train, stage))(_add_recipe)
 
 
-@command("reward", "train a reward model (LoRA + scalar head) on preference pairs",
-         lambda args: _train("reward", args))
-def _reward_args(p):
-    _add_recipe(p)
-
-
-@command("dpo", "train a DPO adapter on top of a frozen parent stack (the recipe names it)",
-         lambda args: _train("dpo", args))
-def _dpo_args(p):
-    _add_recipe(p)
+_register_stages()
 
 
 def _run_score(args) -> None:
@@ -127,12 +121,6 @@ def _score_args(p):
                    "$ADAPTERKIT_REGISTRY, else ./adapters)")
     p.add_argument("--rows", type=int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="every score and the summary as JSON")
-
-
-@command("ppo", "train a PPO policy adapter on a frozen parent stack, with reward and value "
-         "adapters on the same 4-bit base", lambda args: _train("ppo", args))
-def _ppo_args(p):
-    _add_recipe(p)
 
 
 def _run_recipes(args) -> None:

@@ -69,10 +69,10 @@ READERS: dict[str, Callable[[Path], list[dict]]] = {
 
 
 def read_rows(source: str, hub_split: str = "train") -> list[dict]:
-    """Rows from a file, a ``save_to_disk`` folder, ``tiny:<split>``, or a hub dataset name."""
-    if source.startswith("tiny:"):
-        from adapterkit.tiny import resolve_tiny_data
-        source = str(resolve_tiny_data(source))
+    """Rows from a file, a ``save_to_disk`` folder, a registered scheme (``tiny:<split>``, see
+    ``resolvers.py``), or a hub dataset name."""
+    from adapterkit.resolvers import resolve_data
+    source = resolve_data(source)
     path = Path(source)
     if path.is_file():
         reader = READERS.get(path.suffix.lower())

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from adapterkit import resolvers
 from adapterkit.artifact import atomic_dir
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
@@ -297,3 +298,11 @@ def resolve_tiny_data(ref: str) -> Path:
         names = sorted(p.stem for p in (ensure_tiny() / "data").glob("*.jsonl"))
         raise ConfigError(f"{ref}: the tiny task has no split {split!r}; known: {', '.join(names)}")
     return path
+
+
+def _tiny_base(name: str) -> Path:
+    return ensure_tiny() / "base"
+
+
+resolvers.register_base("tiny", _tiny_base)  # base.name: tiny
+resolvers.register_data("tiny", resolve_tiny_data)  # data.train: tiny:<split>
