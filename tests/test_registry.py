@@ -265,8 +265,14 @@ def test_cli_registry_commands(tmp_path, src, capsys, monkeypatch):
     assert code == 2 and "invalid adapter name '../x'" in err
     code, out, err = run_cli(capsys, "registry", "remove", "legal-sft@1")
     assert code == 0 and "removed legal-sft@1" in out and "profiles name legal-sft: legal" in err
+    leftover = tmp_path / "reg" / ".tmp" / "deadbeef"  # a staging folder no publisher owns
+    leftover.mkdir()
+    code, out, _ = run_cli(capsys, "registry", "gc", "--dry-run")
+    assert code == 0 and f"would remove {leftover}" in out and leftover.is_dir()
     code, out, _ = run_cli(capsys, "registry", "gc")
-    assert code == 0
+    assert code == 0 and f"removed {leftover}" in out and not leftover.exists()
+    code, out, _ = run_cli(capsys, "registry", "gc")
+    assert code == 0 and out.strip() == "nothing to remove"
 
 
 def test_publish_from_a_stage_config(tmp_path, src, monkeypatch):
