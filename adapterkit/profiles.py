@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from adapterkit.errors import CompatibilityError
-from adapterkit.registry import Entry, Registry, RegistryError, now, parse_ref, validate_name
+from adapterkit.errors import CompatibilityError, RegistryError
+from adapterkit.refs import parse_ref, validate_name
+from adapterkit.registry import Entry, Registry, now
 
 MODES = ("stack", "merge", "export")
 

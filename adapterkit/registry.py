@@ -24,7 +24,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -34,13 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adapterkit.artifact import MANIFEST, model_card, read_manifest, sha256_file, verify_files
-from adapterkit.errors import AdapterkitError, IntegrityError
+from adapterkit.errors import AdapterkitError, IntegrityError, RegistryError
+from adapterkit.refs import parse_ref, validate_name
 from adapterkit.safety import member
 
 INDEX = "index.sqlite"
 TMP = ".tmp"
 WEIGHTS = "adapter_model.safetensors"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 APP_ID = 0x616B7267  # "akrg": SQLite's application_id of an adapterkit registry index
 SCHEMA_VERSION = 1
 PAUSE_ENV = "ADAPTERKIT_PUBLISH_PAUSE"  # tests: "<point>" sleeps there so a kill lands mid-publish
@@ -58,10 +57,6 @@ CREATE TABLE IF NOT EXISTS profiles (
 """
 
 
-class RegistryError(AdapterkitError):
-    """A registry operation cannot be done: unknown name or version, bad name, bad profile."""
-
-
 def default_root() -> Path:
     return Path(os.environ.get("ADAPTERKIT_REGISTRY") or "adapters")
 
@@ -75,27 +70,6 @@ def _pause(point: str) -> None:
     if os.environ.get(PAUSE_ENV) == point:
         print(f"paused at {point}", flush=True)
         time.sleep(3600)
-
-
-def validate_name(name: str) -> str:
-    """A registry name is one path component: letters, digits, ``. _ + -``; no ``..``."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise RegistryError(
-            f"invalid adapter name {name!r}: use letters, digits and . _ + - (starting with a "
-            "letter or digit, no '..', no '/'), so that it stays inside the registry directory")
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``name`` / ``name@latest`` -> (name, None); ``name@3`` or ``name@v3`` -> (name, 3)."""
-    name, sep, version = str(ref).partition("@")
-    validate_name(name)
-    if not sep or version == "latest":
-        return name, None
-    digits = version[1:] if version[:1] in ("v", "V") else version
-    if not digits.isdigit() or int(digits) < 1:
-        raise RegistryError(f"{ref!r}: a version is a number >= 1 or 'latest' (name@3, name@latest)")
-    return name, int(digits)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from adapterkit.artifact import read_manifest
 from adapterkit.errors import AdapterkitError
-from adapterkit.registry import NAME_RE, TMP, Registry, rmdir_if_empty
+from adapterkit.refs import NAME_RE
+from adapterkit.registry import TMP, Registry, rmdir_if_empty
 
 
 def gc(registry: Registry, dry_run: bool = False) -> list[str]:

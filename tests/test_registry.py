@@ -18,7 +18,8 @@ from adapterkit.artifact import MANIFEST, sha256_file, write_artifact
 from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityError
 from adapterkit.lineage import lineage, serving_stack, tree_lines
 from adapterkit.profiles import get_profile, list_profiles, profile_entries, profiles_using, set_profile
-from adapterkit.registry import Registry, RegistryError, parse_ref
+from adapterkit.refs import parse_ref
+from adapterkit.registry import Registry, RegistryError
 from adapterkit.registry_gc import gc
 
 BASE = {"source": "tiny", "fingerprint": {"id": "base0000"}, "quantization": "nf4", "compute_dtype": "float32"}
