@@ -1,8 +1,6 @@
 """Load a base (quantized or not) and fingerprint it. Named adapters on it: ``adapters.py``."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +8,7 @@ from pathlib import Path
 import torch
 
 from adapterkit import quant
-from adapterkit.artifact import sha256_file
+from adapterkit.artifact import sha256_file, sha256_json
 from adapterkit.config import BaseSection
 from adapterkit.errors import AdapterkitError, CompatibilityError
 
@@ -112,10 +110,6 @@ def load_base(section: BaseSection, device: str | None = None):
 
 # -- fingerprint -----------------------------------------------------------------------------
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", "_commit_hash",
                 "torch_dtype", "dtype", "use_cache", "architectures_version",
                 # a head's labels are not the backbone's identity: a reward model (num_labels=1)
@@ -125,7 +119,7 @@ ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", 
 
 def weights_part(path: Path) -> str:
     """The weights' share of a local base's fingerprint: read from the files, nothing loaded."""
-    return _sha256_json({p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
+    return sha256_json({p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
 
 
 def trained_base(manifest: dict) -> BaseSection:
@@ -172,7 +166,7 @@ def fingerprint(model, tokenizer) -> dict:
     if path.is_dir():
         weights = weights_part(path)
     else:
-        weights = _sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
-    parts = {"config": _sha256_json(config), "tokenizer": _sha256_json(sorted(tokenizer.get_vocab().items())),
+        weights = sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
+    parts = {"config": sha256_json(config), "tokenizer": sha256_json(sorted(tokenizer.get_vocab().items())),
              "weights": weights}
-    return {"id": _sha256_json(parts)[:16], **parts, "source": source}
+    return {"id": sha256_json(parts)[:16], **parts, "source": source}

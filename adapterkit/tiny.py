@@ -11,7 +11,6 @@ answer over that mistake, so reward, DPO and PPO have a measurable job left.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from adapterkit import resolvers
-from adapterkit.artifact import atomic_dir
+from adapterkit.artifact import atomic_dir, sha256_json
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
          ("light", "dark"), ("open", "closed"), ("new", "old"), ("high", "low"),
@@ -61,7 +60,7 @@ class TinySpec:
     version: int = 2  # 2: pretraining documents end with EOS
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return sha256_json(asdict(self))[:12]
 
 
 # -- the task ---------------------------------------------------------------------------
