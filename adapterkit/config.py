@@ -24,7 +24,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 def _function_ref(value):
     if not rewards.is_function_ref(value):
-        raise ValueError(f"neither a reward function name ({', '.join(rewards.NAMED)}) nor module:function")
+        raise ValueError(f"neither a reward function name ({', '.join(rewards.REWARDS)}) nor module:function")
     return value
 
 

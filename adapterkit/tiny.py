@@ -305,3 +305,4 @@ def _tiny_base(name: str) -> Path:
 
 resolvers.register_base("tiny", _tiny_base)  # base.name: tiny
 resolvers.register_data("tiny", resolve_tiny_data)  # data.train: tiny:<split>
+resolvers.register_reward("tiny", "adapterkit.tiny:reward")  # dpo.scorer / ppo.scorer / ppo.reward: tiny
