@@ -31,6 +31,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_json(obj) -> str:
+    """The sha256 of an object's canonical JSON (sorted keys; anything else as ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def library_versions() -> dict[str, str | None]:
     out = {}
     for lib in LIBRARIES:

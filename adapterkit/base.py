@@ -1,18 +1,16 @@
-"""Load a base (quantized or not), fingerprint it, and attach or load adapters on it."""
+"""Load a base (quantized or not) and fingerprint it. Named adapters on it: ``adapters.py``."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from adapterkit import quant
+from adapterkit.artifact import sha256_file, sha256_json
 from adapterkit.config import BaseSection
-from adapterkit.errors import AdapterkitError, CompatibilityError, DataError
+from adapterkit.errors import AdapterkitError, CompatibilityError
 
 log = logging.getLogger("adapterkit")
 
@@ -22,10 +20,12 @@ def default_device() -> str:
 
 
 def resolve_base(name: str) -> str:
-    """``tiny`` -> the cached embedded base; a local directory stays; else a hub name."""
-    if name == "tiny":
-        from adapterkit.tiny import ensure_tiny
-        return str(ensure_tiny() / "base")
+    """A registered name (``tiny``: the cached embedded base; see ``resolvers.py``) -> its
+    directory; a local directory stays; else a hub name."""
+    from adapterkit.resolvers import resolve_base_name
+    registered = resolve_base_name(name)
+    if registered is not None:
+        return registered
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
@@ -110,18 +110,6 @@ def load_base(section: BaseSection, device: str | None = None):
 
 # -- fingerprint -----------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", "_commit_hash",
                 "torch_dtype", "dtype", "use_cache", "architectures_version",
                 # a head's labels are not the backbone's identity: a reward model (num_labels=1)
@@ -131,7 +119,7 @@ ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", 
 
 def weights_part(path: Path) -> str:
     """The weights' share of a local base's fingerprint: read from the files, nothing loaded."""
-    return _sha256_json({p.name: _sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
+    return sha256_json({p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
 
 
 def trained_base(manifest: dict) -> BaseSection:
@@ -178,142 +166,7 @@ def fingerprint(model, tokenizer) -> dict:
     if path.is_dir():
         weights = weights_part(path)
     else:
-        weights = _sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
-    parts = {"config": _sha256_json(config), "tokenizer": _sha256_json(sorted(tokenizer.get_vocab().items())),
+        weights = sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
+    parts = {"config": sha256_json(config), "tokenizer": sha256_json(sorted(tokenizer.get_vocab().items())),
              "weights": weights}
-    return {"id": _sha256_json(parts)[:16], **parts, "source": source}
-
-
-# -- adapters on a base ----------------------------------------------------------------------
-
-@dataclass
-class Stack:
-    """A base with named adapters: ``active`` are summed in order; ``trainable`` learn."""
-    model: object  # peft.PeftModel
-    tokenizer: object
-    active: list[str]
-    trainable: list[str]
-
-
-def adapter_names(model) -> list[str]:
-    return list(getattr(model, "peft_config", {}))
-
-
-def activate(model, active: list[str], trainable: list[str] = ()) -> None:
-    """Switch on several LoRA adapters at once; only ``trainable`` ones get gradients."""
-    model.base_model.set_adapter(active if len(active) > 1 else active[0])
-    for name, param in model.named_parameters():
-        if ".lora_" in name or "modules_to_save" in name:
-            param.requires_grad = any(f".{a}." in name or name.endswith(f".{a}") for a in trainable)
-
-
-def load_adapters(model, adapter_dirs: list[str | Path], names: list[str] | None = None):
-    """Load adapter directories onto a base (frozen); returns the PeftModel and names."""
-    from peft import PeftModel
-    names = names or [f"a{i}" for i in range(len(adapter_dirs))]
-    for name, d in zip(names, adapter_dirs):
-        if not (Path(d) / "adapter_config.json").is_file():
-            raise DataError(f"{d}: not an adapter directory (no adapter_config.json)")
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(d), adapter_name=name, is_trainable=False)
-        else:
-            model = PeftModel.from_pretrained(model, str(d), adapter_name=name, is_trainable=False)
-    return model, names
-
-
-@contextmanager
-def use_adapters(model, active: list[str]):
-    """Run with only ``active`` adapters switched on (none: the bare base), then switch back.
-
-    Which parameters train is left as it was: peft's ``set_adapter`` marks the adapters it
-    switches on as trainable, so every ``requires_grad`` flag is saved and restored."""
-    previous = list(model.base_model.active_adapters)
-    grads = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        if active:
-            model.base_model.set_adapter(list(active), inference_mode=True)
-            yield
-        else:
-            with model.disable_adapter():
-                yield
-    finally:
-        model.base_model.set_adapter(previous)
-        for name, p in model.named_parameters():
-            p.requires_grad = grads[name]
-
-
-def save_adapter(model, name: str, out: Path) -> None:
-    """Only adapter ``name``'s files, in PEFT's root layout (peft saves an adapter not named
-    ``default`` in a sub-folder), into the existing folder ``out``."""
-    import shutil
-    import tempfile
-    scratch = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}-"))  # inside: goes with ``out``
-    try:
-        model.save_pretrained(str(scratch), selected_adapters=[name], safe_serialization=True)
-        inner = scratch / name if (scratch / name).is_dir() else scratch
-        for f in inner.iterdir():
-            if f.name != "README.md":  # peft's stub card; the artifact writes its own
-                shutil.move(str(f), out / f.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def resolve_adapter(ref: str | Path, registry: str | Path | None = None) -> Path:
-    """An adapter directory, or a registry reference (``name``, ``name@3``) resolved to its
-    verified directory. An absent registry is not created."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    from adapterkit.registry import INDEX, Registry, default_root
-    root = Path(registry).expanduser() if registry is not None else default_root()
-    if "/" in str(ref) or not (root / INDEX).is_file():
-        raise DataError(f"{ref}: no such adapter directory (nor a registry entry: no registry at {root})")
-    return Registry.open(root).path(str(ref))
-
-
-POLICY_STAGES = ("sft", "dpo", "ppo", "merge")  # causal-LM adapters a policy can stack on
-REWARD_STAGES = ("reward",)
-
-
-def checked_adapter(ref: str | Path, stages: tuple[str, ...], role: str,
-                    registry: str | Path | None = None) -> tuple[Path, dict]:
-    """(directory, manifest) of an adapter given by path or registry ref, verified before
-    anything loads it: PEFT files and safetensors weights present, every file against the
-    manifest's sha256 (paths kept inside), and a stage that fits ``role``."""
-    from adapterkit.artifact import read_manifest, verify_files
-    d = resolve_adapter(ref, registry)
-    if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
-        raise DataError(f"{ref}: not an adapter directory (needs adapter_config.json and "
-                        "adapter_model.safetensors; adapter_model.bin is pickle and not loaded)")
-    manifest = read_manifest(d)  # no manifest: nothing to check it against, so refused
-    verify_files(d, manifest)
-    stage = manifest.get("stage")
-    if stage not in stages:
-        raise CompatibilityError(f"{ref}: a {stage} adapter cannot be the {role}; it needs a "
-                                 f"{' / '.join(stages)} adapter")
-    return d, manifest
-
-
-def parent_entry(adapter_dir: str | Path, base_fp: dict, stages: tuple[str, ...] = POLICY_STAGES,
-                 role: str = "parent") -> dict:
-    """The manifest's record of one parent adapter (a directory or a registry reference),
-    verified (``checked_adapter``); refuses one trained on another base."""
-    d, manifest = checked_adapter(adapter_dir, stages, role)
-    trained_on = (manifest.get("base") or {}).get("fingerprint", {}).get("id")
-    if trained_on != base_fp["id"]:
-        raise CompatibilityError(f"{adapter_dir}: trained on base {trained_on} "
-                                 f"({(manifest.get('base') or {}).get('source')}), not on this base {base_fp['id']}")
-    return {"path": str(d), "name": manifest.get("name", d.name),
-            "sha256": _sha256_file(d / "adapter_model.safetensors"), "base_fingerprint": trained_on}
-
-
-def load_parent_stack(model, parent_dirs: list[str | Path], base_fp: dict):
-    """Frozen parent adapters (bottom first) as ``parent0, parent1, ...`` on a base.
-
-    Returns (model, adapter names, the manifest's ``parent`` entries); with no parents the
-    model comes back as it was."""
-    entries = [parent_entry(d, base_fp) for d in parent_dirs]
-    names = [f"parent{i}" for i in range(len(entries))]
-    if entries:
-        model, names = load_adapters(model, [e["path"] for e in entries], names)
-    return model, names, entries
+    return {"id": sha256_json(parts)[:16], **parts, "source": source}

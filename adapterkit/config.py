@@ -24,7 +24,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 def _function_ref(value):
     if not rewards.is_function_ref(value):
-        raise ValueError(f"neither a reward function name ({', '.join(rewards.NAMED)}) nor module:function")
+        raise ValueError(f"neither a reward function name ({', '.join(rewards.REWARDS)}) nor module:function")
     return value
 
 
@@ -40,7 +40,7 @@ class Section(BaseModel):
 
 
 class BaseSection(Section):
-    name: str = "tiny"  # hub name, local directory, or "tiny" (the embedded default)
+    name: str  # hub name, local directory, or a registered name such as "tiny" (``resolvers.py``)
     revision: str | None = None
     quantization: Quantization = "nf4"
     compute_dtype: DType = "auto"  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU (quant.resolve_dtype)
@@ -49,7 +49,7 @@ class BaseSection(Section):
 
 
 class DataSection(Section):
-    train: str = "tiny:sft"  # file, directory, hub dataset, or "tiny:<split>"
+    train: str  # file, directory, hub dataset, or a registered scheme such as "tiny:<split>"
     eval: str | None = None
     format: Literal["auto", "messages", "prompt_completion", "text", "preference", "prompt"] = "auto"
     max_length: int = Field(256, gt=0)
@@ -94,15 +94,18 @@ class OutputSection(Section):
 
 
 class StageConfig(Section):
+    """Defaults here are neutral: the base and the data are always named by the recipe (the
+    tiny task's values live only in recipes/tiny_*.yaml)."""
     stage: str
-    base: BaseSection = BaseSection()
-    data: DataSection = DataSection()
+    base: BaseSection
+    data: DataSection
     lora: LoraSection = LoraSection()
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
 
 
 class SFTConfig(StageConfig):
+    """train a QLoRA SFT adapter from a recipe"""
     stage: Literal["sft"] = "sft"
 
     @model_validator(mode="after")
@@ -118,6 +121,47 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig}
 def register_stage_config(cls: type[StageConfig]) -> type[StageConfig]:
     STAGE_CONFIGS[cls.model_fields["stage"].default] = cls
     return cls
+
+
+class RewardSection(Section):
+    """Bradley-Terry reward model: a LoRA adapter plus a scalar head (``score``)."""
+    center_rewards_coefficient: float | None = Field(None, ge=0)  # Eisenstein et al. 2023, eq. 2
+    eval_batch_size: int = Field(32, gt=0)
+
+
+@register_stage_config
+class RewardConfig(StageConfig):
+    """train a reward model (LoRA + scalar head) on preference pairs"""
+    stage: Literal["reward"] = "reward"
+    reward: RewardSection = RewardSection()
+
+
+class DPOSection(Section):
+    """DPO (Rafailov et al. 2023) on top of a frozen parent stack, which is the reference."""
+    parent: list[str] = []  # adapter dirs or registry refs, bottom first; none: plain DPO on the base
+    mode: Literal["new", "continue"] = "new"  # continue: train a copy of the last parent
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO / rDPO label-flip rate
+    sft_weight: float = Field(0.0, ge=0)  # RPO (Pang et al. 2024): + weight * NLL of chosen
+    precompute_ref_logps: bool = False  # one reference pass before training, none during it
+    scorer: ScorerRef | None = None  # ground-truth reward function for the held-out prompts
+    prompts: str | None = None  # held-out prompts for score, KL and win rate
+    reward: str | None = None  # reward adapter dir: win rate of the policy over its parent
+    max_new_tokens: int = Field(16, gt=0)
+
+
+@register_stage_config
+class DPOConfig(StageConfig):
+    """train a DPO adapter on top of a frozen parent stack (the recipe names it)"""
+    stage: Literal["dpo"] = "dpo"
+    dpo: DPOSection = DPOSection()
+
+    @model_validator(mode="after")
+    def _parent_for_continue(self) -> "DPOConfig":
+        if self.dpo.mode == "continue" and not self.dpo.parent:
+            raise ValueError("dpo.mode=continue trains a copy of the last parent; dpo.parent is empty")
+        return self
 
 
 class PPOSection(Section):
@@ -161,8 +205,9 @@ class PPOSection(Section):
 
 @register_stage_config
 class PPOConfig(StageConfig):
+    """train a PPO policy adapter on a frozen parent stack, with reward and value adapters on
+    the same 4-bit base"""
     stage: Literal["ppo"] = "ppo"
-    data: DataSection = DataSection(train="tiny:prompts", eval="tiny:prompts_eval", format="prompt")
     ppo: PPOSection = PPOSection()
 
     @model_validator(mode="after")
@@ -179,50 +224,6 @@ class PPOConfig(StageConfig):
         if self.ppo.rollout_batch_size % minibatch:
             raise ValueError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple "
                              f"of train.batch_size * train.grad_accum = {minibatch}")
-        return self
-
-
-PREFERENCE_DATA = DataSection(train="tiny:preferences", eval="tiny:preferences_eval", format="preference")
-
-
-class RewardSection(Section):
-    """Bradley-Terry reward model: a LoRA adapter plus a scalar head (``score``)."""
-    center_rewards_coefficient: float | None = Field(None, ge=0)  # Eisenstein et al. 2023, eq. 2
-    eval_batch_size: int = Field(32, gt=0)
-
-
-@register_stage_config
-class RewardConfig(StageConfig):
-    stage: Literal["reward"] = "reward"
-    data: DataSection = PREFERENCE_DATA
-    reward: RewardSection = RewardSection()
-
-
-class DPOSection(Section):
-    """DPO (Rafailov et al. 2023) on top of a frozen parent stack, which is the reference."""
-    parent: list[str] = ["runs/tiny/sft"]  # adapter dirs, bottom first; default: tiny_sft's output
-    mode: Literal["new", "continue"] = "new"  # continue: train a copy of the last parent
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO / rDPO label-flip rate
-    sft_weight: float = Field(0.0, ge=0)  # RPO (Pang et al. 2024): + weight * NLL of chosen
-    precompute_ref_logps: bool = False  # one reference pass before training, none during it
-    scorer: ScorerRef | None = "tiny"  # ground-truth reward function for the held-out prompts
-    prompts: str | None = "tiny:prompts_eval"  # held-out prompts for score, KL and win rate
-    reward: str | None = None  # reward adapter dir: win rate of the policy over its parent
-    max_new_tokens: int = Field(16, gt=0)
-
-
-@register_stage_config
-class DPOConfig(StageConfig):
-    stage: Literal["dpo"] = "dpo"
-    data: DataSection = PREFERENCE_DATA
-    dpo: DPOSection = DPOSection()
-
-    @model_validator(mode="after")
-    def _parent_for_continue(self) -> "DPOConfig":
-        if self.dpo.mode == "continue" and not self.dpo.parent:
-            raise ValueError("dpo.mode=continue trains a copy of the last parent; dpo.parent is empty")
         return self
 
 

@@ -69,10 +69,10 @@ READERS: dict[str, Callable[[Path], list[dict]]] = {
 
 
 def read_rows(source: str, hub_split: str = "train") -> list[dict]:
-    """Rows from a file, a ``save_to_disk`` folder, ``tiny:<split>``, or a hub dataset name."""
-    if source.startswith("tiny:"):
-        from adapterkit.tiny import resolve_tiny_data
-        source = str(resolve_tiny_data(source))
+    """Rows from a file, a ``save_to_disk`` folder, a registered scheme (``tiny:<split>``, see
+    ``resolvers.py``), or a hub dataset name."""
+    from adapterkit.resolvers import resolve_data
+    source = resolve_data(source)
     path = Path(source)
     if path.is_file():
         reader = READERS.get(path.suffix.lower())
@@ -261,26 +261,20 @@ def validate_rows(rows: list[dict], fmt: str, source: str, allowed: tuple[str, .
 
 # -- lengths -------------------------------------------------------------------------------
 
-def _render(tokenizer, value, add_generation_prompt=False) -> list[int]:
-    if isinstance(value, list):
-        ids = tokenizer.apply_chat_template(value, tokenize=True, add_generation_prompt=add_generation_prompt)
-        return ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
-    return tokenizer(value, add_special_tokens=False)["input_ids"]
-
-
 def row_length(row: dict, fmt: str, tokenizer) -> tuple[int, str]:
     """Token count of a row as training sees it, and the field that makes it long."""
+    from adapterkit.tokens import render_ids  # torch: imported once a tokenizer is in play
     if fmt == "messages":
-        return len(_render(tokenizer, row["messages"])), "messages"
+        return len(render_ids(tokenizer, row["messages"])), "messages"
     if fmt == "text":
-        return len(_render(tokenizer, row["text"])), "text"
+        return len(render_ids(tokenizer, row["text"])), "text"
     prompt = row.get("prompt")
-    n_prompt = len(_render(tokenizer, prompt, add_generation_prompt=True)) if prompt else 0
+    n_prompt = len(render_ids(tokenizer, prompt, add_generation_prompt=True)) if prompt else 0
     if fmt == "prompt":
         return n_prompt, "prompt"
     keys = ("completion",) if fmt == "prompt_completion" else ("chosen", "rejected")
-    longest = max(keys, key=lambda k: len(_render(tokenizer, row[k])))
-    return n_prompt + len(_render(tokenizer, row[longest])) + 1, longest
+    longest = max(keys, key=lambda k: len(render_ids(tokenizer, row[k])))
+    return n_prompt + len(render_ids(tokenizer, row[longest])) + 1, longest
 
 
 def apply_length_policy(rows: list[dict], fmt: str, tokenizer, max_length: int, on_long: str,

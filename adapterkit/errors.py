@@ -17,6 +17,10 @@ class CompatibilityError(AdapterkitError):
     """An adapter does not fit the base or the stack it is asked to join."""
 
 
+class RegistryError(AdapterkitError):
+    """A registry operation cannot be done: unknown name or version, bad name, bad profile."""
+
+
 class IntegrityError(AdapterkitError):
     """A file on disk does not match its recorded sha256."""
 

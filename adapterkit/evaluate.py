@@ -3,15 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from adapterkit.tokens import completion_batch, left_pad, model_device
-
-
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """A prompt (messages or text) as token ids, ending where the assistant starts."""
-    if isinstance(prompt, list):
-        out = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+from adapterkit.tokens import completion_batch, left_pad, model_device, prompt_ids, split_ids  # noqa: F401
 
 
 @torch.no_grad()
@@ -45,20 +37,6 @@ def mean_score(model, tokenizer, prompts: list, scorer, **kwargs) -> tuple[float
 
 # -- log-probs of completions, and the KL of a stack to its parent --------------------------------
 
-def split_ids(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) as trl's DPOTrainer cuts them: the completion starts where
-    the rendered prompt and prompt + completion first differ."""
-    if isinstance(prompt, list):
-        turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        full = list(tokenizer.apply_chat_template(prompt + turns, tokenize=True, return_dict=True)["input_ids"])
-        head = prompt_ids(tokenizer, prompt)
-    else:
-        head = tokenizer(text=prompt)["input_ids"]
-        full = tokenizer(text=prompt + completion + tokenizer.eos_token)["input_ids"]
-    n = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
-    return full[:n], full[n:]
-
-
 def completion_batches(tokenizer, prompts: list, completions: list, batch_size: int, device):
     """Yields right-padded (ids, attention mask, completion mask), each (B, T), on ``device``."""
     for i in range(0, len(prompts), batch_size):
@@ -90,7 +68,7 @@ def mean_token_kl(model, tokenizer, prompts: list, responses: list, policy: list
                   reference: list[str], batch_size: int = 32) -> float:
     """Mean over response tokens of KL(pi_policy || pi_reference), exact over the vocabulary,
     at the positions of ``responses`` (usually the policy's own). Adapters are named lists."""
-    from adapterkit.base import use_adapters
+    from adapterkit.adapters import use_adapters
     total, count = 0.0, 0
     for ids, mask, comp in completion_batches(tokenizer, prompts, responses, batch_size, model_device(model)):
         with use_adapters(model, policy):
@@ -101,3 +79,25 @@ def mean_token_kl(model, tokenizer, prompts: list, responses: list, policy: list
         total += (kl * comp[:, 1:]).sum().item()
         count += int(comp[:, 1:].sum())
     return total / max(count, 1)
+
+
+# -- a policy against its parent -------------------------------------------------------------------
+
+def compare_to_parent(model, tokenizer, prompts: list, policy: list[str], parent: list[str], scorer=None,
+                      max_new_tokens: int = 16, batch_size: int = 32) -> tuple[dict, dict]:
+    """Greedy responses of the policy and of its parent (adapter name lists) to held-out prompts:
+    the mean per-token KL(policy || parent) on the policy's responses, and each one's mean score
+    under ``scorer`` (a reward function or its name) when given. Returns (metrics, responses)."""
+    from adapterkit.adapters import use_adapters
+    from adapterkit.rewards import load_function, score_completions
+    responses = {}
+    for who, adapters in (("policy", policy), ("parent", parent)):
+        with use_adapters(model, adapters):
+            responses[who] = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
+    out = {"kl": mean_token_kl(model, tokenizer, prompts, responses["policy"], policy, parent)}
+    if scorer is not None:
+        score = load_function(scorer)
+        for who, key in (("policy", "score"), ("parent", "parent_score")):
+            out[key] = sum(score_completions(score, prompts, responses[who])) / len(prompts)
+    return out, responses

@@ -11,6 +11,12 @@ References:
   DPO    Rafailov et al. 2023 (eq. 7); IPO Azar et al. 2023 (eq. 17)
   rDPO   Chowdhury et al. 2024, "Provably Robust DPO" (eq. 8); cDPO label smoothing
   RM     Bradley & Terry 1952; Ouyang et al. 2022 (eq. 1)
+
+Which ones run in training: the PPO stage trains with the PPO/GAE/KL functions here. DPO and
+the reward model train through trl's DPOTrainer and RewardTrainer, whose loss code we keep
+(rewriting it would change every trained adapter for no gain); ``dpo_loss`` and
+``bradley_terry_loss`` are the specification those trainers are held to: tests/test_objectives.py
+checks trl's loss against them on a real batch of a partly trained run.
 """
 import torch
 import torch.nn.functional as F

@@ -39,7 +39,7 @@ def check_data(config: StageConfig) -> None:
 def check_adapters(config: StageConfig) -> None:
     """Adapters named by path or registry ref: present, intact (sha256) and of a stage that fits
     their role (a parent is a policy adapter, a reward is a reward adapter)."""
-    from adapterkit.base import POLICY_STAGES, REWARD_STAGES, checked_adapter
+    from adapterkit.adapters import POLICY_STAGES, REWARD_STAGES, checked_adapter
     section = getattr(config, config.stage, None)
     for ref in getattr(section, "parent", None) or []:
         checked_adapter(ref, POLICY_STAGES, "parent")

@@ -1,5 +1,6 @@
-"""The only module that touches bitsandbytes: QuantConfig -> BitsAndBytesConfig, dequantize,
-and the CPU 4-bit matmul that reuses one dequantization buffer."""
+"""The only module that uses bitsandbytes: QuantConfig -> BitsAndBytesConfig, dequantize,
+and the CPU 4-bit matmul that reuses one dequantization buffer. Its private names (the CPU
+layout, the native kernels) are reached through ``_compat.py``."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +8,8 @@ import logging
 import threading
 
 import torch
+
+from adapterkit import _compat
 
 # bitsandbytes' CPU backend tries to fetch an optional kernel from the hub and logs a
 # warning when it cannot; adapterkit never downloads at run time, so that line is noise.
@@ -56,7 +59,7 @@ def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Ten
     import bitsandbytes as bnb
     if isinstance(module, bnb.nn.Linear4bit):
         state = module.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
+        if _compat.cpu_packed(state):
             return _dequantize_cpu_packed(module.weight.data, state).to(dtype)
         w = bnb.functional.dequantize_4bit(module.weight.data, state)
         return w.to(dtype)
@@ -89,18 +92,17 @@ def keep_compute_dtype(model: torch.nn.Module) -> int:
     them. This switches that path off for fp32 layers (layers already repacked are unpacked,
     keeping the bf16-rounded absmax). Layers on a GPU are left alone: the repacking is CPU-only."""
     import bitsandbytes as bnb
-    if not hasattr(bnb.functional, "_convert_weight_packed_for_cpu_inverse"):
+    if not _compat.has_cpu_repacking():
         return 0  # a bitsandbytes without the CPU repacking: nothing to undo
     changed = 0
     for module in model.modules():
         if (not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu"
                 or module.compute_dtype not in (None, torch.float32)):
             continue
-        module.support_avx512bf16_for_cpu = False
+        _compat.no_cpu_repacking(module)
         state = module.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = \
-                bnb.functional._convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        if _compat.cpu_packed(state):
+            module.weight.data, module.weight.quant_state = _compat.unpack_cpu_weight(module.weight.data, state)
         changed += 1
     return changed
 
@@ -123,11 +125,7 @@ _scratch = threading.local()
 def _cpu_kernel(quant_type: str, dtype: torch.dtype):
     """bitsandbytes' native CPU dequantizer for (quant_type, dtype), or None (looked up once:
     every layer call uses it)."""
-    try:
-        from bitsandbytes.cextension import lib
-        return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_C_DTYPE[dtype]}", None)
-    except Exception:  # no native library, or a build without CPU kernels
-        return None
+    return _compat.cpu_dequantize_kernel(quant_type, _C_DTYPE[dtype])
 
 
 def _dequantize_into_buffer(weight, dtype: torch.dtype) -> torch.Tensor:
@@ -169,7 +167,6 @@ class _BufferedMatmul4bit(torch.autograd.Function):
 @functools.cache
 def _buffered_class():
     import bitsandbytes as bnb
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     class BufferedLinear4bit(bnb.nn.Linear4bit):
         """A Linear4bit whose CPU matmul reuses one dequantization buffer (see above)."""
@@ -177,7 +174,7 @@ def _buffered_class():
         def forward(self, x):
             if x.device.type != "cpu":
                 return super().forward(x)
-            fix_4bit_weight_quant_state_from_module(self)
+            _compat.fix_quant_state(self)
             out = _BufferedMatmul4bit.apply(x.to(self.compute_dtype), self.weight)
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
@@ -197,7 +194,7 @@ def reuse_dequant_buffer(model: torch.nn.Module) -> int:
             continue
         state = module.weight.quant_state
         if (module.compute_dtype != torch.float32 or state is None
-                or getattr(state, "packing_format_for_cpu", False) or state.shape[-1] % 2
+                or _compat.cpu_packed(state) or state.shape[-1] % 2
                 or state.blocksize >= 2048 or _cpu_kernel(state.quant_type, torch.float32) is None):
             continue
         module.__class__ = _buffered_class()

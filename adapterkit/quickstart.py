@@ -44,12 +44,12 @@ class Context:
 
     def score(self, adapter_dirs: list[str]) -> float:
         """Ground-truth score of base + adapters on the held-out prompts."""
-        from adapterkit.base import load_adapters, load_base
+        from adapterkit.adapters import activate, load_adapters
+        from adapterkit.base import load_base
         section = load_config("sft", "tiny_sft", self.overrides("sft")).base
         model, tok = load_base(section)
         if adapter_dirs:
             model, _ = load_adapters(model, adapter_dirs)
-            from adapterkit.base import activate
             activate(model, list(model.peft_config))
         from adapterkit.evaluate import mean_score
         score, _ = mean_score(model, tok, self.eval_prompts(), tiny.reward)
@@ -133,7 +133,9 @@ def run_quickstart(out: str | os.PathLike = "runs/quickstart", progress: bool = 
 def step_publish(ctx: Context) -> None:
     """Publish every adapter the run made to ``DIR/adapters``, set the ``flip`` profile to the
     best-scoring policy's serving stack (its parents, then itself), keep the lineage tree."""
-    from adapterkit.registry import Registry, tree_lines
+    from adapterkit.lineage import lineage, serving_stack, tree_lines
+    from adapterkit.profiles import set_profile
+    from adapterkit.registry import Registry
     reg = Registry.open(ctx.out / "adapters")
     policies = []
     for stage, entry in ctx.summary["stages"].items():
@@ -146,9 +148,9 @@ def step_publish(ctx: Context) -> None:
     if not policies:
         return
     top = max(policies)[2]  # best score; on a tie, the later stage
-    profile = reg.set_profile("flip", reg.serving_stack(top), domain="flip")
+    profile = set_profile(reg, "flip", serving_stack(reg, top), domain="flip")
     ctx.summary["profile"] = profile.name
-    ctx.summary["registry_tree"] = tree_lines(reg.lineage(top))
+    ctx.summary["registry_tree"] = tree_lines(lineage(reg, top))
 
 
 STEPS["publish"] = step_publish  # keep last: it publishes what every step above produced

@@ -1,4 +1,5 @@
-"""The adapter store: publish, resolve, verify, lineage, profiles.
+"""The adapter store: publish, resolve, verify, remove (gc: ``registry_gc.py``; lineage:
+``lineage.py``; profiles, which live in the same index: ``profiles.py``).
 
 A registry is a directory (``./adapters`` unless ``--registry DIR`` or $ADAPTERKIT_REGISTRY)
 that says it is one: its ``index.sqlite`` carries SQLite's ``application_id`` (``APP_ID``) and
@@ -23,7 +24,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -33,14 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adapterkit.artifact import MANIFEST, model_card, read_manifest, sha256_file, verify_files
-from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityError
+from adapterkit.errors import AdapterkitError, IntegrityError, RegistryError
+from adapterkit.refs import parse_ref, validate_name
 from adapterkit.safety import member
 
 INDEX = "index.sqlite"
 TMP = ".tmp"
 WEIGHTS = "adapter_model.safetensors"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-MODES = ("stack", "merge", "export")
 APP_ID = 0x616B7267  # "akrg": SQLite's application_id of an adapterkit registry index
 SCHEMA_VERSION = 1
 PAUSE_ENV = "ADAPTERKIT_PUBLISH_PAUSE"  # tests: "<point>" sleeps there so a kill lands mid-publish
@@ -58,15 +57,11 @@ CREATE TABLE IF NOT EXISTS profiles (
 """
 
 
-class RegistryError(AdapterkitError):
-    """A registry operation cannot be done: unknown name or version, bad name, bad profile."""
-
-
 def default_root() -> Path:
     return Path(os.environ.get("ADAPTERKIT_REGISTRY") or "adapters")
 
 
-def _now() -> str:
+def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -75,27 +70,6 @@ def _pause(point: str) -> None:
     if os.environ.get(PAUSE_ENV) == point:
         print(f"paused at {point}", flush=True)
         time.sleep(3600)
-
-
-def validate_name(name: str) -> str:
-    """A registry name is one path component: letters, digits, ``. _ + -``; no ``..``."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise RegistryError(
-            f"invalid adapter name {name!r}: use letters, digits and . _ + - (starting with a "
-            "letter or digit, no '..', no '/'), so that it stays inside the registry directory")
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``name`` / ``name@latest`` -> (name, None); ``name@3`` or ``name@v3`` -> (name, 3)."""
-    name, sep, version = str(ref).partition("@")
-    validate_name(name)
-    if not sep or version == "latest":
-        return name, None
-    digits = version[1:] if version[:1] in ("v", "V") else version
-    if not digits.isdigit() or int(digits) < 1:
-        raise RegistryError(f"{ref!r}: a version is a number >= 1 or 'latest' (name@3, name@latest)")
-    return name, int(digits)
 
 
 @dataclass
@@ -125,20 +99,6 @@ class Entry:
         if not manifest:
             out.pop("manifest")
         return out
-
-
-@dataclass
-class Profile:
-    """A named serving recipe for a domain: an ordered stack of refs and a mode."""
-    name: str
-    domain: str
-    stack: list[str]
-    mode: str = "stack"  # stack | merge | export
-    method: str = "cat"  # the merge method when mode is merge
-    updated_at: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Registry:
@@ -203,7 +163,7 @@ class Registry:
     def _create(self) -> None:
         """Make the root, its staging folder and the marked index (the first publish does)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._db(create=True) as db:
+        with self.connect(create=True) as db:
             db.execute(f"PRAGMA application_id = {APP_ID}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.executescript(SCHEMA)
@@ -212,7 +172,7 @@ class Registry:
     # -- the index -----------------------------------------------------------------------
 
     @contextmanager
-    def _db(self, create: bool = False):
+    def connect(self, create: bool = False):
         """A connection to the index; a registry not made yet reads as an empty one (in memory),
         so that looking at a folder never writes to it."""
         if create or self.index.is_file():
@@ -229,11 +189,11 @@ class Registry:
             db.close()
 
     @contextmanager
-    def _write(self):
+    def transaction(self):
         """One write transaction; BEGIN IMMEDIATE takes the lock up front (no upgrade deadlock)."""
         if not self.index.is_file():
             raise RegistryError(f"no adapterkit registry at {self.root}")
-        with self._db() as db:
+        with self.connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -270,7 +230,7 @@ class Registry:
                 shutil.copy2(member(src, fname), member(tmp, fname))
             verify_files(tmp, manifest)
             _pause("copied")
-            with self._write() as db:
+            with self.transaction() as db:
                 version = self._next_version(db, name)
                 manifest = self._stamp(tmp, manifest, name, version, domain, tags, src)
                 final = self.root / name / str(version)
@@ -318,7 +278,7 @@ class Registry:
         manifest = {**manifest, "name": name, "version": version,
                     "domain": domain or manifest.get("domain") or "general",
                     "tags": list(dict.fromkeys([*manifest.get("tags", []), *tags])),
-                    "published_at": _now(),
+                    "published_at": now(),
                     "published_from": {"path": str(src.resolve()), "name": manifest.get("name")}}
         files = dict(manifest.get("files", {}))
         if "README.md" in files:
@@ -350,7 +310,7 @@ class Registry:
             where.append("EXISTS (SELECT 1 FROM json_each(entries.tags) WHERE value = ?)")
             args.append(tag)
         sql = "SELECT * FROM entries" + (" WHERE " + " AND ".join(where) if where else "")
-        with self._db() as db:
+        with self.connect() as db:
             entries = [self._entry(r) for r in db.execute(sql + " ORDER BY name, version", args)]
         if latest:
             entries = list({e.name: e for e in entries}.values())
@@ -359,7 +319,7 @@ class Registry:
     def get(self, ref: str) -> Entry:
         """Resolve ``name``, ``name@latest`` or ``name@3`` to its entry."""
         name, version = parse_ref(ref)
-        with self._db() as db:
+        with self.connect() as db:
             versions = [r[0] for r in db.execute(
                 "SELECT version FROM entries WHERE name = ? ORDER BY version", (name,))]
             if not versions:
@@ -373,7 +333,17 @@ class Registry:
                              (name, version or versions[-1])).fetchone()
         return self._entry(row)
 
-    resolve = get
+    def find_parent(self, record: dict) -> Entry | None:
+        """The entry a manifest's parent record names: by weights sha256, then by name@version."""
+        with self.connect() as db:
+            row = None
+            if record.get("sha256"):
+                row = db.execute("SELECT * FROM entries WHERE weights_sha256 = ? ORDER BY version LIMIT 1",
+                                 (record["sha256"],)).fetchone()
+            if row is None and record.get("name") and record.get("version"):
+                row = db.execute("SELECT * FROM entries WHERE name = ? AND version = ?",
+                                 (record["name"], record["version"])).fetchone()
+        return self._entry(row) if row is not None else None
 
     def path(self, ref: str, verify: bool = True) -> Path:
         """The entry's directory, its files checked against their sha256 first."""
@@ -404,53 +374,6 @@ class Registry:
                 out[entry.ref] = str(err)
         return out
 
-    # -- lineage -------------------------------------------------------------------------
-
-    def parent_entries(self, entry: Entry) -> list[Entry | dict]:
-        """The entry's parent stack, each as a registry entry when found (by weights sha256,
-        then by name@version), else as the manifest recorded it."""
-        out = []
-        for p in entry.parent:
-            found = self._find_parent(p)
-            out.append(found if found is not None else p)
-        return out
-
-    def _find_parent(self, p: dict) -> Entry | None:
-        with self._db() as db:
-            row = None
-            if p.get("sha256"):
-                row = db.execute("SELECT * FROM entries WHERE weights_sha256 = ? ORDER BY version LIMIT 1",
-                                 (p["sha256"],)).fetchone()
-            if row is None and p.get("name") and p.get("version"):
-                row = db.execute("SELECT * FROM entries WHERE name = ? AND version = ?",
-                                 (p["name"], p["version"])).fetchone()
-        return self._entry(row) if row is not None else None
-
-    def lineage(self, ref: str, _seen: frozenset = frozenset()) -> dict:
-        """{"ref", "stage", "domain", "base_id", "parents": [subtrees]}; unpublished parents
-        appear with ``"ref": None`` and the name and path the manifest recorded."""
-        entry = self.get(ref)
-        node = {"ref": entry.ref, "stage": entry.stage, "domain": entry.domain, "base_id": entry.base_id,
-                "merged_from": [s["ref"] for s in (entry.manifest.get("merge") or {}).get("sources", [])],
-                "parents": []}
-        for p in self.parent_entries(entry):
-            if isinstance(p, Entry) and p.ref not in _seen:
-                node["parents"].append(self.lineage(p.ref, _seen | {entry.ref}))
-            elif isinstance(p, dict):
-                node["parents"].append({"ref": None, "name": p.get("name"), "path": p.get("path"),
-                                        "parents": []})
-        return node
-
-    def serving_stack(self, ref: str) -> list[str]:
-        """The refs a policy entry is served with: its published parents, bottom first, then
-        itself (a ``continue``-mode adapter replaces its last parent)."""
-        entry = self.get(ref)
-        parents = [p.ref for p in self.parent_entries(entry) if isinstance(p, Entry)]
-        recipe = entry.manifest.get("recipe") or {}
-        if (recipe.get(entry.stage or "") or {}).get("mode") == "continue":
-            parents = parents[:-1]
-        return [*parents, entry.ref]
-
     # -- remove and gc -------------------------------------------------------------------
 
     def remove(self, ref: str) -> list[str]:
@@ -462,152 +385,18 @@ class Registry:
         entries = self.list(name=validate_name(name)) if version == "all" else [self.get(ref)]
         if not entries:
             raise RegistryError(f"no adapter named {name!r} in the registry {self.root}")
-        with self._write() as db:
+        with self.transaction() as db:
             for e in entries:
                 db.execute("DELETE FROM entries WHERE name = ? AND version = ?", (e.name, e.version))
         for e in entries:
             shutil.rmtree(e.path, ignore_errors=True)
-        with self._write():  # holding the lock: no publisher is between its mkdir and rename
-            _rmdir_if_empty(self.root / name)
+        with self.transaction():  # holding the lock: no publisher is between its mkdir and rename
+            rmdir_if_empty(self.root / name)
         return [e.ref for e in entries]
 
-    def gc(self, dry_run: bool = False) -> list[str]:
-        """Delete what crashed or killed publishes left, and nothing else: unowned staging
-        folders in ``.tmp``, and version folders ``<name>/<N>`` with no index row that the
-        registry made (the name has rows, or the folder's manifest was stamped with that very
-        name and version). Returns the paths removed (with ``dry_run``: that would be)."""
-        self.require()
-        removed = self._gc_staging(dry_run)
-        with self._write() as db:  # holding the lock: no publisher is between rename and commit
-            rows = {(r[0], r[1]) for r in db.execute("SELECT name, version FROM entries")}
-            names = {name for name, _ in rows}
-            orphans = [d for d in sorted(self.root.glob("*/*")) if self._orphan_version(d, rows, names)]
-            removed += [str(d) for d in orphans]
-            if not dry_run:
-                for d in orphans:
-                    shutil.rmtree(d)
-                for name in names | {d.parent.name for d in orphans}:
-                    _rmdir_if_empty(self.root / name)
-        return removed
 
-    def _orphan_version(self, d: Path, rows: set, names: set) -> bool:
-        """A version folder this registry made whose publish never committed."""
-        name, version = d.parent.name, _as_int(d.name)
-        if (version is None or d.is_symlink() or not d.is_dir() or name.startswith(".")
-                or not NAME_RE.match(name) or (name, version) in rows):
-            return False
-        if name in names:
-            return True
-        try:
-            stamped = read_manifest(d)
-        except AdapterkitError:
-            return False
-        return stamped.get("name") == name and stamped.get("version") == version
-
-    def _gc_staging(self, dry_run: bool = False) -> list[str]:
-        removed = []
-        tmp_root = self.root / TMP
-        if not tmp_root.is_dir():
-            return removed
-        for lock_path in tmp_root.glob("*.lock"):
-            with open(lock_path, "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # a live publisher holds it
-                removed.append(str(tmp_root / lock_path.stem))
-                if not dry_run:
-                    shutil.rmtree(tmp_root / lock_path.stem, ignore_errors=True)
-                    os.unlink(lock_path)
-        for d in tmp_root.iterdir():  # a staging dir with no lock file has no owner
-            if d.is_dir() and not (tmp_root / f"{d.name}.lock").exists() and str(d) not in removed:
-                removed.append(str(d))
-                if not dry_run:
-                    shutil.rmtree(d, ignore_errors=True)
-        return removed
-
-    # -- profiles ------------------------------------------------------------------------
-
-    def set_profile(self, name: str, stack: list[str], mode: str = "stack", method: str = "cat",
-                    domain: str | None = None, force: bool = False) -> Profile:
-        """Create or replace a profile; every ref must resolve, on one base unless ``force``."""
-        validate_name(name)
-        if mode not in MODES:
-            raise RegistryError(f"profile {name!r}: mode {mode!r} is not one of {', '.join(MODES)}")
-        if not stack:
-            raise RegistryError(f"profile {name!r}: the stack is empty; name at least one adapter")
-        entries = [self._profile_entry(name, ref) for ref in stack]
-        bases = {e.base_id for e in entries}
-        if len(bases) > 1 and not force:
-            detail = ", ".join(f"{e.ref} on {e.base_id}" for e in entries)
-            raise CompatibilityError(f"profile {name!r}: its adapters were trained on different bases "
-                                     f"({detail}); pass force to set it anyway")
-        profile = Profile(name, domain or entries[-1].domain or name, [str(r) for r in stack], mode,
-                          method, _now())
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?, ?, ?)",
-                       (profile.name, profile.domain, json.dumps(profile.stack), profile.mode,
-                        profile.method, profile.updated_at))
-        return profile
-
-    def _profile_entry(self, profile: str, ref: str) -> Entry:
-        try:
-            return self.get(ref)
-        except RegistryError as err:
-            raise RegistryError(f"profile {profile!r} names {ref!r}, which is not in the registry: {err}") from None
-
-    def profile(self, name: str) -> Profile:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM profiles WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                known = [r[0] for r in db.execute("SELECT name FROM profiles ORDER BY name")]
-                raise RegistryError(f"no profile named {name!r} in the registry {self.root} "
-                                    f"(profiles: {', '.join(known) or 'none'})")
-        return Profile(row["name"], row["domain"], json.loads(row["stack"]), row["mode"], row["method"],
-                       row["updated_at"])
-
-    def profiles(self) -> list[Profile]:
-        with self._db() as db:
-            rows = db.execute("SELECT name FROM profiles ORDER BY name").fetchall()
-        return [self.profile(r[0]) for r in rows]
-
-    def profile_entries(self, name: str) -> list[Entry]:
-        """The profile's stack resolved now; an adapter removed since fails, named."""
-        profile = self.profile(name)
-        return [self._profile_entry(name, ref) for ref in profile.stack]
-
-    def remove_profile(self, name: str) -> None:
-        self.profile(name)
-        with self._write() as db:
-            db.execute("DELETE FROM profiles WHERE name = ?", (name,))
-
-    def profiles_using(self, name: str) -> list[str]:
-        """Profiles whose stack names ``name`` (any version)."""
-        return [p.name for p in self.profiles() if any(parse_ref(r)[0] == name for r in p.stack)]
-
-
-def _rmdir_if_empty(folder: Path) -> None:
+def rmdir_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
         pass  # not empty, or gone
-
-
-def _as_int(text: str) -> int | None:
-    return int(text) if text.isdigit() and str(int(text)) == text else None
-
-
-def tree_lines(node: dict, prefix: str = "") -> list[str]:
-    """A lineage tree as text lines (``show`` prints them)."""
-    label = node["ref"] or f"{node.get('name')} (not in the registry: {node.get('path')})"
-    extra = f"  [{node['stage']}, {node['domain']}, base {node['base_id']}]" if node["ref"] else ""
-    if node.get("merged_from"):
-        extra += f"  merged from {' + '.join(node['merged_from'])}"
-    lines = [label + extra]
-    kids = node["parents"]
-    for i, kid in enumerate(kids):
-        last = i == len(kids) - 1
-        sub = tree_lines(kid)
-        lines.append(("└── " if last else "├── ") + sub[0])
-        lines += [("    " if last else "│   ") + s for s in sub[1:]]
-    return lines

@@ -5,7 +5,7 @@ reward-function signature, ``fn(prompts, completions, **kwargs) -> list[float]``
 - ``completions`` follow the prompt's format: text, or ``[{"role": "assistant", "content": ...}]``.
 
 A recipe names one as ``module:function`` (imported from the user's environment: the user
-asked for that code by naming it) or by a short name registered here (``tiny``). They serve
+asked for that code by naming it) or by a short name registered in ``resolvers.py`` (``tiny``). They serve
 as PPO's reward (``ppo.reward``, instead of a reward adapter) and as the ground-truth scorer of
 held-out prompts (``ppo.scorer``, ``dpo.scorer``). In Python the callable itself may be given.
 """
@@ -17,17 +17,17 @@ import re
 from typing import Any, Callable
 
 from adapterkit.errors import ConfigError
+from adapterkit.resolvers import REWARDS, reward_target  # noqa: F401  (REWARDS: the registered names)
 
 RewardFunction = Callable[..., list]
 
-# short names -> "module:function"; a task plugs its scorer in by adding a line here
-NAMED: dict[str, str] = {"tiny": "adapterkit.tiny:reward"}
 _REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def is_function_ref(ref: Any) -> bool:
     """A callable, a registered name, or a ``module:function`` string (not a path)."""
-    return callable(ref) or (isinstance(ref, str) and (ref in NAMED or bool(_REF.fullmatch(ref))))
+    return callable(ref) or (isinstance(ref, str) and (bool(_REF.fullmatch(ref))
+                                                       or reward_target(ref) is not None))
 
 
 def describe(ref: Any) -> str:
@@ -41,7 +41,7 @@ def load_function(ref: str | RewardFunction) -> RewardFunction:
     """The callable a reference names."""
     if callable(ref):
         return ref
-    target = NAMED.get(ref, ref)
+    target = reward_target(ref) or ref
     module_name, _, attr = target.partition(":")
     try:
         obj = importlib.import_module(module_name)

@@ -11,7 +11,6 @@ answer over that mistake, so reward, DPO and PPO have a measurable job left.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from adapterkit.artifact import atomic_dir
+from adapterkit import resolvers
+from adapterkit.artifact import atomic_dir, sha256_json
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
          ("light", "dark"), ("open", "closed"), ("new", "old"), ("high", "low"),
@@ -60,7 +60,7 @@ class TinySpec:
     version: int = 2  # 2: pretraining documents end with EOS
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return sha256_json(asdict(self))[:12]
 
 
 # -- the task ---------------------------------------------------------------------------
@@ -297,3 +297,12 @@ def resolve_tiny_data(ref: str) -> Path:
         names = sorted(p.stem for p in (ensure_tiny() / "data").glob("*.jsonl"))
         raise ConfigError(f"{ref}: the tiny task has no split {split!r}; known: {', '.join(names)}")
     return path
+
+
+def _tiny_base(name: str) -> Path:
+    return ensure_tiny() / "base"
+
+
+resolvers.register_base("tiny", _tiny_base)  # base.name: tiny
+resolvers.register_data("tiny", resolve_tiny_data)  # data.train: tiny:<split>
+resolvers.register_reward("tiny", "adapterkit.tiny:reward")  # dpo.scorer / ppo.scorer / ppo.reward: tiny

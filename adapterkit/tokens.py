@@ -1,7 +1,8 @@
-"""Padding and batching of token ids, made directly on the device of the model that consumes
-them (one host-to-device copy per tensor, never a CPU batch handed to a CUDA model).
+"""Every tokenise / pad / batch path: prompts, completions and conversations as token ids (one
+rule each, shared by training, scoring and evaluation), and padded batches made directly on
+the device of the model that consumes them (never a CPU batch handed to a CUDA model).
 
-    ids, mask = left_pad(seqs, tok.pad_token_id, model_device(model))   # for generate
+    ids, mask = left_pad([prompt_ids(tok, p) for p in prompts], tok.pad_token_id, model_device(model))
     batch = to_device(collated, model)                                   # a collator's dict
 """
 from __future__ import annotations
@@ -57,3 +58,52 @@ def completion_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, devi
     width = ids.shape[1]
     comp = _long([[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in pairs], device)
     return ids, mask, comp
+
+
+# -- token ids: one rule per kind of text -------------------------------------------------------
+
+def render_ids(tokenizer, value, add_generation_prompt: bool = False) -> list[int]:
+    """Messages through the chat template, or text without special tokens, as token ids."""
+    if isinstance(value, list):
+        out = tokenizer.apply_chat_template(value, tokenize=True, add_generation_prompt=add_generation_prompt)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer(value, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A prompt (messages or text) as token ids, ending where the assistant starts."""
+    return render_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
+def as_chat(tokenizer, prompt):
+    """A plain string becomes one user message when the tokenizer has a chat template."""
+    if isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def split_ids(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as trl's DPOTrainer cuts them: the completion starts where
+    the rendered prompt and prompt + completion first differ."""
+    if isinstance(prompt, list):
+        turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        full = list(tokenizer.apply_chat_template(prompt + turns, tokenize=True, return_dict=True)["input_ids"])
+        head = prompt_ids(tokenizer, prompt)
+    else:
+        head = tokenizer(text=prompt)["input_ids"]
+        full = tokenizer(text=prompt + completion + tokenizer.eos_token)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+    return full[:n], full[n:]
+
+
+def conversation_ids(tokenizer, prompt, response) -> list[int]:
+    """Prompt + response as trl's RewardTrainer tokenizes them (chat template, or text + EOS):
+    one rule for training a reward model and for scoring with it."""
+    if isinstance(prompt, list) or isinstance(response, list):
+        turns = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+        out = tokenizer.apply_chat_template((prompt or []) + turns, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    text = (prompt or "") + response
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return tokenizer(text=text)["input_ids"]

@@ -44,7 +44,7 @@ def timed_train(trainer) -> dict:
 def run_adapterkit(base: str, steps: int, batch: int) -> dict:
     baseline = import_stack()
     from adapterkit.config import load_config
-    from adapterkit.stages.dpo import setup_dpo
+    from adapterkit.stages.dpo import setup as setup_dpo
     config = load_config("dpo", "tiny_dpo", [
         f"base.name={base}", "base.compute_dtype=float32",  # fp32 compute, as the peer's load_nf4
         "dpo.parent=[]", "dpo.sft_weight=0", f"dpo.beta={BETA}", "dpo.prompts=null",

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapterkit.artifact import write_artifact  # noqa: E402
-from adapterkit.compose import Server, set_profile  # noqa: E402
+from adapterkit.profiles import set_profile  # noqa: E402
+from adapterkit.serve import Server  # noqa: E402
 from adapterkit.registry import Registry  # noqa: E402
 
 

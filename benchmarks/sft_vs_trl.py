@@ -35,7 +35,7 @@ def result(trainer, seconds: float, baseline: float) -> dict:
 def run_adapterkit(base: str, steps: int, batch: int) -> dict:
     baseline = import_stack()
     from adapterkit.config import load_config
-    from adapterkit.stages.sft import setup_sft
+    from adapterkit.stages.sft import setup as setup_sft
     config = load_config("sft", "tiny_sft", [
         f"base.name={base}", "base.compute_dtype=float32",  # fp32 compute, as the peer's
         "data.eval=null", f"train.max_steps={steps}",

@@ -12,8 +12,13 @@ import pytest
 import torch
 
 from adapterkit.artifact import MANIFEST, read_manifest, write_artifact
-from adapterkit.compose import (MergeSpec, Server, base_section, export_loaded, generate, load_profile,
-                                load_stack, merge_loaded, prompt_logits, save_merged, set_profile)
+from adapterkit.base import trained_base
+from adapterkit.export import export_loaded
+from adapterkit.lineage import lineage
+from adapterkit.merge import MergeSpec, merge_loaded, save_merged
+from adapterkit.profiles import set_profile
+from adapterkit.serve import Server, serve_profile
+from adapterkit.stack import load_profile, load_stack, prompt_logits
 from adapterkit.errors import CompatibilityError, IntegrityError
 from adapterkit.registry import Registry, RegistryError
 from helpers import ON_CUDA, tol
@@ -27,7 +32,7 @@ TOL = tol(cpu=1e-4, cuda=0.25)
 def fresh_base(manifest):
     from adapterkit import quant
     from adapterkit.base import load_model
-    model = load_model(base_section(manifest))
+    model = load_model(trained_base(manifest))
     quant.keep_compute_dtype(model)
     return model.eval()
 
@@ -102,7 +107,7 @@ def test_cat_merge_is_exact_and_saves_a_vanilla_adapter(loaded, stacked, reg, tm
     model = PeftModel.from_pretrained(fresh_base(manifest), str(path)).eval()
     assert max_gap(stacked, prompt_logits(model, loaded.tokenizer, PROMPTS)) < TOL
     assert reg.publish(path, name="flip-cat").stage == "merge"  # a merge is an ordinary entry
-    assert reg.lineage("flip-cat")["merged_from"] == ["tiny-sft@1", "second@1"]
+    assert lineage(reg, "flip-cat")["merged_from"] == ["tiny-sft@1", "second@1"]
     reg.remove("flip-cat@1")
 
 
@@ -147,7 +152,7 @@ def test_mixed_batch_matches_each_profile_alone(reg):
     assert mixed == [alone[i] for i in range(len(prompts))]
     assert len(set(mixed)) > 1  # the profiles do answer differently
     assert server.stacks["flip"] == ["tiny-sft_v1", "second_v1"] and "flip" in server.single
-    assert generate("sft-only", [prompts[1], prompts[5]], reg, max_new_tokens=6) == [alone[1], alone[5]]
+    assert serve_profile("sft-only", [prompts[1], prompts[5]], reg, max_new_tokens=6) == [alone[1], alone[5]]
 
 
 # -- failures, each with the message the user sees -----------------------------------------------

@@ -73,7 +73,7 @@ def test_every_shipped_recipe_opens_with_its_command_and_validates():
 def test_compute_dtype_defaults_to_auto_in_every_shipped_recipe():
     from adapterkit.config import STAGE_CONFIGS, BaseSection
     import yaml
-    assert BaseSection().compute_dtype == "auto"
+    assert BaseSection(name="any").compute_dtype == "auto"
     for name in shipped_recipes():
         raw = yaml.safe_load(recipe_path(name).read_text())
         if raw["stage"] in STAGE_CONFIGS:
@@ -96,3 +96,17 @@ def test_auto_resolves_by_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_dtype("auto", "cuda:0") == torch.float16
     assert asked == [False, False]  # native bf16 only: emulated bf16 (e.g. a T4) gets fp16
+
+
+def test_defaults_are_neutral_and_the_tiny_values_live_in_the_recipes():
+    from adapterkit.config import build_config
+    with pytest.raises(ConfigError, match=r"(?s)base: Field required.*data: Field required"):
+        build_config("sft", {})
+    with pytest.raises(ConfigError, match=r"data\.train: Field required"):
+        build_config("sft", {"base": {"name": "b"}, "data": {"eval": "e.jsonl"}})
+    dpo = build_config("dpo", {"base": {"name": "b"}, "data": {"train": "pairs.jsonl"}})
+    assert dpo.dpo.parent == [] and dpo.dpo.scorer is None and dpo.dpo.prompts is None  # not the tiny task's
+    ppo = build_config("ppo", {"base": {"name": "b"}, "data": {"train": "p.jsonl"}, "ppo": {"reward": "m:f"}})
+    assert ppo.data.eval is None and ppo.ppo.scorer is None
+    shipped = load_config("dpo", "tiny_dpo")  # the tiny values, from the tiny recipe
+    assert shipped.dpo.scorer == "tiny" and shipped.dpo.prompts == "tiny:prompts_eval"

@@ -48,7 +48,7 @@ def check_trained(model, before: tuple[dict, dict]) -> None:
 
 
 def test_sft_on_cuda(tiny_dir, tmp_path):
-    from adapterkit.stages.sft import finish_sft, setup_sft
+    from adapterkit.stages.sft import finish as finish_sft, setup as setup_sft
     config = load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'sft'}", *QUICK, "data.eval=null",
                                               "train.gradient_checkpointing=true"])
     assert config.base.compute_dtype == "auto"
@@ -66,7 +66,8 @@ def test_sft_on_cuda(tiny_dir, tmp_path):
 def test_reward_on_cuda(tiny_dir, tmp_path):
     """Training and the held-out scoring that used to build its batches on the CPU."""
     from safetensors.torch import load_file
-    from adapterkit.stages.reward import RewardScorer, train_reward
+    from adapterkit.scorer import RewardScorer
+    from adapterkit.stages.reward import train_reward
     record = train_reward(load_config("reward", "tiny_reward", [f"output.dir={tmp_path / 'rm'}", *QUICK]))
     m = record.metrics
     assert math.isfinite(m["train_loss"]) and 0 <= m["eval_accuracy"] <= 1 and math.isfinite(m["eval_margin"])
@@ -86,7 +87,7 @@ def test_dpo_on_cuda_and_the_stack_reloads(sft_adapter, tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from adapterkit.evaluate import completion_batches
-    from adapterkit.stages.dpo import finish_dpo, setup_dpo
+    from adapterkit.stages.dpo import finish as finish_dpo, setup as setup_dpo
     from adapterkit.tokens import model_device
     config = load_config("dpo", "tiny_dpo", [
         f"output.dir={tmp_path / 'dpo'}", *QUICK, f"dpo.parent={json.dumps([str(sft_adapter.path)])}",
@@ -121,7 +122,7 @@ def test_dpo_on_cuda_and_the_stack_reloads(sft_adapter, tiny_dir, tmp_path):
 
 
 def test_ppo_on_cuda(sft_adapter, reward_adapter, tmp_path):
-    from adapterkit.stages.ppo import cleanup, setup, train
+    from adapterkit.stages.ppo import finish, setup, train
     config = load_config("ppo", "tiny_ppo", [
         f"output.dir={tmp_path / 'ppo'}", "train.progress=false", "train.max_steps=2",
         f"ppo.reward={reward_adapter.path}", f"ppo.parent={json.dumps([str(sft_adapter.path)])}",
@@ -133,7 +134,7 @@ def test_ppo_on_cuda(sft_adapter, reward_adapter, tmp_path):
     assert all(math.isfinite(v) for h in run.history for v in h.values() if isinstance(v, float))
     check_trained(run.roles.peft, before)
     assert run.roles.value_head.weight.device.type == "cuda"
-    record = cleanup(run)
+    record = finish(run)
     assert record.manifest["base"]["compute_dtype"] == str(expected_dtype()).removeprefix("torch.")
 
 

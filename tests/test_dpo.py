@@ -41,7 +41,7 @@ def vanilla_stack(tiny_dir, adapters: dict):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_adapter, tmp_path_factory):
-    from adapterkit.stages.dpo import setup_dpo
+    from adapterkit.stages.dpo import setup as setup_dpo
     return setup_dpo(dpo_config(sft_adapter, tmp_path_factory.mktemp("dpo") / "adapter"))
 
 
@@ -56,7 +56,7 @@ def reference_before(dpo_run):
 def trained(dpo_run, reference_before, tiny_dir):
     """Train, keep the trained model's logits on a probe batch, then evaluate and save."""
     from adapterkit.evaluate import completion_batches
-    from adapterkit.stages.dpo import finish_dpo
+    from adapterkit.stages.dpo import finish as finish_dpo
     trainer = dpo_run.trainer
     result = trainer.train()
     rows = load_jsonl(tiny_dir / "data" / "preferences_eval.jsonl")[:8]
@@ -159,7 +159,8 @@ STEP0 = {  # (overrides, loss at step 0 when the policy equals its reference)
 
 @pytest.mark.parametrize("case", list(STEP0))
 def test_step0_policy_equals_reference(case, sft_adapter, tmp_path):
-    from adapterkit.stages.dpo import LOGGED, finish_dpo, setup_dpo
+    from adapterkit._compat import trainer_metrics
+    from adapterkit.stages.dpo import LOGGED, finish as finish_dpo, setup as setup_dpo
     overrides, expected = STEP0[case]
     run = setup_dpo(dpo_config(sft_adapter, tmp_path / "out", "data.train=tiny:preferences_eval", "data.eval=null",
                                "dpo.prompts=null", "dpo.sft_weight=0", "train.max_steps=2", *overrides))
@@ -169,8 +170,8 @@ def test_step0_policy_equals_reference(case, sft_adapter, tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch).item()
-    logged = {k: trainer._metrics["eval"][k][-1] for k in LOGGED}
-    trainer._metrics["eval"].clear()
+    logged = {k: trainer_metrics(trainer)[k][-1] for k in LOGGED}
+    trainer_metrics(trainer).clear()
     assert loss == pytest.approx(expected, abs=tol(cpu=1e-6, cuda=1e-2))
     # GPU: the policy (adapter on, B = 0) and the reference pass run different kernels in bf16
     zero = tol(cpu=0, cuda=1e-2)

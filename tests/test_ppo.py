@@ -63,9 +63,9 @@ def ppo_run(sft_adapter, reward_adapter, tmp_path_factory):
 def trained(ppo_run):
     """Train, evaluate and save (the best evaluated policy), then keep the saved policy's
     logits on a probe batch."""
-    from adapterkit.stages.ppo import cleanup, train
+    from adapterkit.stages.ppo import finish, train
     train(ppo_run)
-    record = cleanup(ppo_run)
+    record = finish(ppo_run)
     batch = probe(ppo_run)
     return record, batch, role_logits(ppo_run, "policy", batch)
 

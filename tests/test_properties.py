@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 from adapterkit.config import apply_overrides
 from adapterkit.data import FORMATS, validate_rows
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, UnsafePathError
-from adapterkit.registry import RegistryError, parse_ref, validate_name
+from adapterkit.errors import RegistryError
+from adapterkit.refs import parse_ref, validate_name
 from adapterkit.safety import member
 
 settings.register_profile("ci", max_examples=150, deadline=None)

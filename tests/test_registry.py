@@ -16,7 +16,11 @@ import pytest
 
 from adapterkit.artifact import MANIFEST, sha256_file, write_artifact
 from adapterkit.errors import AdapterkitError, CompatibilityError, IntegrityError
-from adapterkit.registry import Registry, RegistryError, parse_ref, tree_lines
+from adapterkit.lineage import lineage, serving_stack, tree_lines
+from adapterkit.profiles import get_profile, list_profiles, profile_entries, profiles_using, set_profile
+from adapterkit.refs import parse_ref
+from adapterkit.registry import Registry, RegistryError
+from adapterkit.registry_gc import gc
 
 BASE = {"source": "tiny", "fingerprint": {"id": "base0000"}, "quantization": "nf4", "compute_dtype": "float32"}
 
@@ -121,13 +125,13 @@ def test_lineage_tree(reg, tmp_path):
               {"name": "lost", "path": "/gone", "sha256": "0" * 64}]
     dpo = reg.publish(fake_adapter(tmp_path / "dpo", stage="dpo", payload=b"dpo", parent=parent),
                       name="legal-dpo")
-    tree = reg.lineage(dpo.ref)
+    tree = lineage(reg, dpo.ref)
     assert tree["ref"] == "legal-dpo@1"
     assert [p["ref"] for p in tree["parents"]] == ["legal-sft@1", None]
     text = "\n".join(tree_lines(tree))
     assert "├── legal-sft@1  [sft, legal, base base0000]" in text
     assert "└── lost (not in the registry: /gone)" in text
-    assert reg.serving_stack(dpo.ref) == ["legal-sft@1", "legal-dpo@1"]
+    assert serving_stack(reg, dpo.ref) == ["legal-sft@1", "legal-dpo@1"]
 
 
 def test_remove_and_gc(reg, src):
@@ -139,37 +143,37 @@ def test_remove_and_gc(reg, src):
     assert [e.ref for e in reg.list()] == ["legal-sft@2"] and not (reg.root / "legal-sft" / "1").exists()
     (reg.root / "legal-sft" / "9").mkdir()  # a version dir with no row
     (reg.root / ".tmp" / "deadbeef").mkdir()  # a staging dir with no owner
-    removed = reg.gc()
+    removed = gc(reg)
     assert sorted(os.path.basename(p) for p in removed) == ["9", "deadbeef"]
     assert reg.remove("legal-sft@all") == ["legal-sft@2"]
-    reg.gc()
+    gc(reg)
     assert not (reg.root / "legal-sft").exists()
 
 
 def test_profiles(reg, tmp_path):
     reg.publish(fake_adapter(tmp_path / "a"), name="legal-sft")
     reg.publish(fake_adapter(tmp_path / "b", payload=b"b", stage="dpo"), name="legal-dpo")
-    p = reg.set_profile("legal", ["legal-sft@1", "legal-dpo"])
+    p = set_profile(reg, "legal", ["legal-sft@1", "legal-dpo"])
     assert (p.domain, p.mode, p.stack) == ("legal", "stack", ["legal-sft@1", "legal-dpo"])
-    assert [e.ref for e in reg.profile_entries("legal")] == ["legal-sft@1", "legal-dpo@1"]
-    assert [q.name for q in reg.profiles()] == ["legal"] and reg.profiles_using("legal-dpo") == ["legal"]
+    assert [e.ref for e in profile_entries(reg, "legal")] == ["legal-sft@1", "legal-dpo@1"]
+    assert [q.name for q in list_profiles(reg)] == ["legal"] and profiles_using(reg, "legal-dpo") == ["legal"]
     with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-rm', which is not in the registry"):
-        reg.set_profile("legal", ["legal-sft", "legal-rm"])
+        set_profile(reg, "legal", ["legal-sft", "legal-rm"])
     with pytest.raises(RegistryError, match="mode 'fold' is not one of stack, merge, export"):
-        reg.set_profile("legal", ["legal-sft"], mode="fold")
+        set_profile(reg, "legal", ["legal-sft"], mode="fold")
     reg.remove("legal-dpo@1")  # the profile now names a missing adapter: using it says so
     with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-dpo', which is not in the registry"):
-        reg.profile_entries("legal")
+        profile_entries(reg, "legal")
     with pytest.raises(RegistryError, match=r"no profile named 'nope' .*profiles: legal"):
-        reg.profile("nope")
+        get_profile(reg, "nope")
 
 
 def test_profile_refuses_mixed_bases(reg, tmp_path):
     reg.publish(fake_adapter(tmp_path / "a"), name="a")
     reg.publish(fake_adapter(tmp_path / "b", base=dict(BASE, fingerprint={"id": "other"})), name="b")
     with pytest.raises(CompatibilityError, match="trained on different bases .*a@1 on base0000, b@1 on other"):
-        reg.set_profile("mixed", ["a", "b"])
-    assert reg.set_profile("mixed", ["a", "b"], force=True).stack == ["a", "b"]
+        set_profile(reg, "mixed", ["a", "b"])
+    assert set_profile(reg, "mixed", ["a", "b"], force=True).stack == ["a", "b"]
 
 
 # -- crash safety and concurrency, in real processes ------------------------------------------
@@ -210,7 +214,7 @@ def test_publish_killed_midway_leaves_all_or_nothing(reg, src, point):
     assert entries == (["legal-sft@1"] if point == "published" else [])  # the index: all or nothing
     if entries:
         reg.verify("legal-sft@1")  # and a whole entry, every file intact
-    reg.gc()
+    gc(reg)
     _consistent(reg)
     assert reg.publish(src, name="legal-sft").version == len(entries) + 1  # the registry still works
 
@@ -262,8 +266,14 @@ def test_cli_registry_commands(tmp_path, src, capsys, monkeypatch):
     assert code == 2 and "invalid adapter name '../x'" in err
     code, out, err = run_cli(capsys, "registry", "remove", "legal-sft@1")
     assert code == 0 and "removed legal-sft@1" in out and "profiles name legal-sft: legal" in err
+    leftover = tmp_path / "reg" / ".tmp" / "deadbeef"  # a staging folder no publisher owns
+    leftover.mkdir()
+    code, out, _ = run_cli(capsys, "registry", "gc", "--dry-run")
+    assert code == 0 and f"would remove {leftover}" in out and leftover.is_dir()
     code, out, _ = run_cli(capsys, "registry", "gc")
-    assert code == 0
+    assert code == 0 and f"removed {leftover}" in out and not leftover.exists()
+    code, out, _ = run_cli(capsys, "registry", "gc")
+    assert code == 0 and out.strip() == "nothing to remove"
 
 
 def test_publish_from_a_stage_config(tmp_path, src, monkeypatch):
@@ -296,5 +306,5 @@ def test_quickstart_publish_step(tmp_path):
     assert ctx.summary["registry"] == str(tmp_path / "run" / "adapters") and ctx.summary["profile"] == "flip"
     reg = Registry.open(ctx.summary["registry"])
     assert [e.ref for e in reg.list()] == ["tiny-dpo@1", "tiny-reward@1", "tiny-sft@1"]
-    assert reg.profile("flip").stack == ["tiny-sft@1", "tiny-dpo@1"]
+    assert get_profile(reg, "flip").stack == ["tiny-sft@1", "tiny-dpo@1"]
     assert ctx.summary["registry_tree"][0].startswith("tiny-dpo@1") and "tiny-sft@1" in ctx.summary["registry_tree"][1]

@@ -460,6 +460,7 @@ def test_subprocess_one_line_exit_2(setup, tmp_path, ak_home):
 
 def test_gc_dry_run_then_gc_removes_only_its_own(tmp_path, capsys):
     from adapterkit.registry import Registry
+    from adapterkit.registry_gc import gc
     root = registry_with(tmp_path, ("a", adapter(tmp_path / "runs" / "a")))
     (root / "a" / "7").mkdir()  # a version folder of its own name with no row
     (root / ".tmp" / "deadbeef").mkdir()  # a staging folder with no owner
@@ -470,7 +471,7 @@ def test_gc_dry_run_then_gc_removes_only_its_own(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "would remove" in out and "a/7" in out and "deadbeef" in out and "notes" not in out
     assert snapshot(tmp_path) == before
-    assert sorted(Path(p).name for p in Registry.open(root).gc()) == ["7", "deadbeef"]
+    assert sorted(Path(p).name for p in gc(Registry.open(root))) == ["7", "deadbeef"]
     assert (root / "notes" / "3").is_dir() and (root / "a" / "1").is_dir()
 
 

@@ -18,7 +18,7 @@ def eval_pairs(tiny_dir):
 @pytest.fixture(scope="module")
 def scorer(reward_adapter):
     """The adapter reloaded from disk as a named LoRA on the causal-LM base."""
-    from adapterkit.stages.reward import RewardScorer
+    from adapterkit.scorer import RewardScorer
     return RewardScorer.load(reward_adapter.path)
 
 
@@ -56,7 +56,8 @@ def test_round_trip_scores_are_bit_identical(reward_adapter, scorer, eval_pairs)
 def test_vanilla_seqcls_peft_load_gives_same_scores(reward_adapter, tiny_dir, eval_pairs):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from adapterkit.stages.reward import batch_scores, conversation_ids
+    from adapterkit.scorer import batch_scores
+    from adapterkit.tokens import conversation_ids
     base = str(tiny_dir / "base")
     model = load_nf4(AutoModelForSequenceClassification, base, prepared=True, num_labels=1)  # as the recipe trained it
     model = PeftModel.from_pretrained(model, str(reward_adapter.path)).eval()
@@ -71,10 +72,11 @@ def test_vanilla_seqcls_peft_load_gives_same_scores(reward_adapter, tiny_dir, ev
 def test_scorer_shares_the_policy_base(reward_adapter, sft_adapter, scorer, tiny_dir, eval_pairs):
     """Attached beside a policy adapter, the reward scores as it does alone and leaves the
     policy's outputs and trainable flags as they were."""
-    from adapterkit.base import activate, load_adapters, load_base
+    from adapterkit.adapters import activate, load_adapters
+    from adapterkit.base import load_base
     from adapterkit.config import BaseSection
     from adapterkit.evaluate import prompt_ids
-    from adapterkit.stages.reward import RewardScorer
+    from adapterkit.scorer import RewardScorer
     model, tok = load_base(BaseSection(name=str(tiny_dir / "base")))
     model, names = load_adapters(model, [sft_adapter.path], ["policy"])
     activate(model, names, trainable=names)

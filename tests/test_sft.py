@@ -18,7 +18,7 @@ def lora_state(model):
 
 def test_one_step_moves_lora_and_leaves_the_4bit_base(tiny_dir, tmp_path):
     import bitsandbytes as bnb
-    from adapterkit.stages.sft import setup_sft
+    from adapterkit.stages.sft import setup as setup_sft
     config = load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'a'}", "train.max_steps=3",
                                               "train.progress=false", "data.eval=null"])
     run = setup_sft(config)
@@ -48,16 +48,17 @@ def test_artifact_holds_only_adapter_weights_and_a_manifest(sft_adapter):
     assert set(manifest["files"]) >= {"adapter_model.safetensors", "adapter_config.json", "config.yaml"}
     assert manifest["metrics"]["eval_loss"] < manifest["metrics"]["train_loss"] + 1.0
     assert "library_name: peft" in (path / "README.md").read_text()
-    # the saved config reloads to the same config
+    # the saved config reloads to the very config that trained the adapter (the manifest's recipe)
     reloaded = load_config("sft", path / "config.yaml")
-    assert reloaded.model_dump() == load_config("sft", path / "config.yaml").model_dump()
+    assert reloaded.model_dump(mode="json") == manifest["recipe"]
     assert reloaded.lora.r == manifest["recipe"]["lora"]["r"]
 
 
 def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from adapterkit.base import load_adapters, load_base
+    from adapterkit.adapters import load_adapters
+    from adapterkit.base import load_base
     config = load_config("sft", sft_adapter.path / "config.yaml")
     ours, tok = load_base(config.base)
     ours, _ = load_adapters(ours, [sft_adapter.path])
@@ -78,7 +79,8 @@ def test_vanilla_peft_load_matches_adapterkit_logits(sft_adapter, tiny_dir):
 
 def test_sft_beats_the_base_on_held_out_prompts(sft_adapter, tiny_dir):
     from adapterkit import tiny
-    from adapterkit.base import load_adapters, load_base
+    from adapterkit.adapters import load_adapters
+    from adapterkit.base import load_base
     from adapterkit.evaluate import mean_score
     from conftest import load_jsonl
     config = load_config("sft", sft_adapter.path / "config.yaml")

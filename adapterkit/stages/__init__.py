@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from importlib import import_module
 
-STAGES = ("sft", "reward", "dpo", "ppo")
+from adapterkit.config import STAGE_CONFIGS
+
+STAGES = tuple(STAGE_CONFIGS)  # the stage list lives in config.py
 
 
 def train_stage(stage: str, config):

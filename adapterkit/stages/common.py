@@ -1,4 +1,9 @@
-"""What every stage shares: the record it returns, trainer arguments, the artifact."""
+"""What every stage shares: the ``Stage`` contract (setup -> train -> finish), the record it
+returns, data loading, trainer arguments, the artifact.
+
+    def train_sft(config):             # every stage's entry point
+        return run_stage(sys.modules[__name__], config)
+"""
 from __future__ import annotations
 
 import logging
@@ -6,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -29,6 +34,40 @@ class AdapterRecord:
     def from_dir(cls, path: str | os.PathLike) -> "AdapterRecord":
         manifest = read_manifest(path)
         return cls(Path(path), manifest, manifest.get("metrics", {}))
+
+
+class Stage(Protocol):
+    """A stage module: ``setup`` builds everything (data, base, adapters, trainer) and trains
+    nothing; ``train`` trains; ``finish`` evaluates and saves the artifact."""
+
+    def setup(self, config: StageConfig) -> Any: ...
+
+    def train(self, run: Any) -> Any: ...
+
+    def finish(self, run: Any, result: Any) -> "AdapterRecord": ...
+
+
+def run_stage(stage: Stage, config: StageConfig) -> "AdapterRecord":
+    """Checks before any model loads (``preflight``), then setup -> train -> finish."""
+    from adapterkit.preflight import preflight
+    preflight(config)  # output folder, adapters and data rows
+    run = stage.setup(config)
+    return stage.finish(run, stage.train(run))
+
+
+def load_split(config: StageConfig, source: str, allowed: tuple[str, ...], tokenizer):
+    """One data split, validated row by row, with the recipe's format and length policy."""
+    from adapterkit.data import load_data
+    d = config.data
+    return load_data(source, fmt=d.format, allowed=allowed, tokenizer=tokenizer, max_length=d.max_length,
+                     on_long=d.on_long, hub_split=d.hub_split)
+
+
+def load_splits(config: StageConfig, allowed: tuple[str, ...], tokenizer):
+    """(train, eval or None) as ``load_split`` reads them; the report counts the train rows."""
+    train = load_split(config, config.data.train, allowed, tokenizer)
+    evals = load_split(config, config.data.eval, allowed, tokenizer) if config.data.eval else None
+    return train, evals
 
 
 def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:

@@ -21,19 +21,22 @@ setup (base, parents, policy adapter, data, trainer) -> train -> evaluate agains
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from adapterkit.base import (REWARD_STAGES, activate, load_model, load_parent_stack, parent_entry,
-                             use_adapters)
+from adapterkit import _compat
+from adapterkit.adapters import (REWARD_STAGES, activate, load_parent_stack, lora_config, parent_record,
+                                 use_adapters)
+from adapterkit.base import load_model
 from adapterkit.config import DPOConfig
 from adapterkit.data import load_data
-from adapterkit.evaluate import completion_logps, generate, mean_token_kl
-from adapterkit.preflight import preflight
+from adapterkit.evaluate import compare_to_parent, completion_logps
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
-                                      quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
+                                      load_stage_tokenizer, quiet_trainer, run_dir, run_stage,
+                                      save_stage_artifact, trainer_kwargs)
 from adapterkit.tokens import to_device
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
@@ -46,7 +49,6 @@ LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accu
 
 def _trainer_class():
     from trl import DPOTrainer
-    from trl.models.utils import disable_gradient_checkpointing
 
     class StackDPOTrainer(DPOTrainer):
         """trl's DPOTrainer whose reference log-probs come from the parent stack
@@ -58,28 +60,25 @@ def _trainer_class():
             kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)  # (2B, T)
             peft_model = self.accelerator.unwrap_model(self.model)
-            with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            with (torch.no_grad(),
+                  _compat.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
                   use_adapters(peft_model, self.reference), self.accelerator.autocast()):
                 per_token = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True).log_probs
             logps = per_token[:, -(labels.shape[1] - 1):].sum(dim=1)  # (2B,); 0 off the completion
             return logps.chunk(2, dim=0)
 
-        def _compute_loss(self, model, inputs, return_outputs):
-            if REF_KEYS[0] not in inputs:  # not precomputed: one reference forward per batch
-                inputs = {**inputs, **dict(zip(REF_KEYS, self.compute_ref_log_probs(model, inputs)))}
-            self.precompute_ref_logps = True  # trl then reads the reference from the batch
-            try:
-                return super()._compute_loss(model, inputs, return_outputs)
-            finally:
-                self.precompute_ref_logps = False
+    def add_reference(trainer, model, inputs):
+        if REF_KEYS[0] in inputs:  # precomputed (``dpo.precompute_ref_logps``)
+            return inputs
+        return {**inputs, **dict(zip(REF_KEYS, trainer.compute_ref_log_probs(model, inputs)))}
 
-    return StackDPOTrainer
+    return _compat.with_reference_in_batch(StackDPOTrainer, add_reference)  # trl reads them from the batch
 
 
 # -- setup ---------------------------------------------------------------------------------------------
 
 @dataclass
-class Stack:
+class PolicyStack:
     """Adapter names switched on for the policy and for the reference, and the parent records."""
     policy: list[str]
     reference: list[str]
@@ -87,9 +86,8 @@ class Stack:
 
 
 def build_stack(config: DPOConfig, model, base_fp: dict):
-    """Frozen parents + the trainable ``default`` adapter; returns (PeftModel, Stack)."""
+    """Frozen parents + the trainable ``default`` adapter; returns (PeftModel, PolicyStack)."""
     from peft import get_peft_model
-    from adapterkit.stages.sft import lora_config
     model, parents, entries = load_parent_stack(model, config.dpo.parent, base_fp)
     if config.dpo.mode == "continue":  # a trainable copy of the last parent replaces it
         model.load_adapter(entries[-1]["path"], adapter_name=ADAPTER, is_trainable=True)
@@ -101,7 +99,7 @@ def build_stack(config: DPOConfig, model, base_fp: dict):
         model = get_peft_model(model, lora_config(config))
         policy = [ADAPTER]
     activate(model, policy, [ADAPTER])
-    return model, Stack(policy, parents, entries)
+    return model, PolicyStack(policy, parents, entries)
 
 
 def snapshot_adapters(model) -> dict[str, torch.Tensor]:
@@ -109,13 +107,13 @@ def snapshot_adapters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def restore_adapters(model, saved: dict[str, torch.Tensor], stack: Stack) -> None:
+def restore_adapters(model, saved: dict[str, torch.Tensor], stack: PolicyStack) -> None:
     """Undo what trl 1.16's init does to a PeftModel it is handed: it adds a ``ref`` copy of
     ``default`` (a second policy-sized adapter we never use) and, on a quantized base, casts
     the trainable weights to bf16 (``continue`` would start from a bf16-rounded parent). Every
     adapter gets its exact weights back; only ``default`` trains."""
-    if "ref" in model.peft_config:
-        model.delete_adapter("ref")
+    if _compat.TRL_REF_ADAPTER in model.peft_config:
+        model.delete_adapter(_compat.TRL_REF_ADAPTER)
     params = dict(model.named_parameters())
     for name, value in saved.items():
         params[name].data = value
@@ -124,12 +122,8 @@ def restore_adapters(model, saved: dict[str, torch.Tensor], stack: Stack) -> Non
 
 def setup_data(config: DPOConfig, tokenizer):
     from datasets import Dataset
-    d = config.data
-    kw = dict(fmt=d.format, allowed=("preference",), tokenizer=tokenizer, max_length=d.max_length,
-              on_long=d.on_long, hub_split=d.hub_split)
-    train = load_data(d.train, **kw)
-    evals = load_data(d.eval, **kw).rows if d.eval else []
-    return Dataset.from_list(train.rows), evals, {"train_rows": len(train.rows), **train.report}
+    train, evals = load_splits(config, ("preference",), tokenizer)
+    return Dataset.from_list(train.rows), (evals.rows if evals else []), {"train_rows": len(train.rows), **train.report}
 
 
 def precompute_reference(trainer, batch_size: int) -> None:
@@ -156,17 +150,17 @@ def loss_terms(d) -> dict:
 
 @dataclass
 class DPORun:
-    """Everything ``setup_dpo`` builds; ``finish_dpo`` evaluates it and saves the artifact."""
+    """Everything ``setup`` builds; ``finish`` evaluates it and saves the artifact."""
     config: DPOConfig
     trainer: object  # StackDPOTrainer over the PeftModel
-    stack: Stack
+    stack: PolicyStack
     eval_pairs: list[dict]
     manifest: dict
     report: dict
     reward_dir: str | None  # resolved and checked against the base before training
 
 
-def setup_dpo(config: DPOConfig) -> DPORun:
+def setup(config: DPOConfig) -> DPORun:
     """Base, frozen parents, the policy adapter, data and trainer; nothing trained yet."""
     from transformers import set_seed
     from trl import DPOConfig as TrlDPOConfig
@@ -176,7 +170,7 @@ def setup_dpo(config: DPOConfig) -> DPORun:
     manifest = base_manifest(config, model, tokenizer)
     reward_dir = None
     if config.dpo.reward is not None:  # a wrong reward adapter fails now, not after training
-        reward_dir = parent_entry(config.dpo.reward, manifest["base"]["fingerprint"], REWARD_STAGES,
+        reward_dir = parent_record(config.dpo.reward, manifest["base"]["fingerprint"], REWARD_STAGES,
                                   "reward model")["path"]
     if config.base.quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -210,7 +204,7 @@ def pair_logps(model, tokenizer, pairs: list[dict], adapters: list[str]) -> tupl
                 completion_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs]))
 
 
-def evaluate_pairs(model, tokenizer, pairs: list[dict], stack: Stack, beta: float) -> dict:
+def evaluate_pairs(model, tokenizer, pairs: list[dict], stack: PolicyStack, beta: float) -> dict:
     """Held-out pairs: implicit rewards beta*log(pi/ref), and how often each model prefers chosen."""
     pc, pr = pair_logps(model, tokenizer, pairs, stack.policy)      # (N,), (N,)
     rc, rr = pair_logps(model, tokenizer, pairs, stack.reference)
@@ -222,22 +216,14 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], stack: Stack, beta: floa
             "parent_pref_accuracy": (rc > rr).float().mean().item()}
 
 
-def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: Stack, reward_dir: str | None) -> dict:
+def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: PolicyStack, reward_dir: str | None) -> dict:
     """Greedy responses of policy and parent on held-out prompts: ground-truth score, KL of the
     policy to its parent on the policy's responses, and the win rate under a reward model."""
     d = config.dpo
     prompts = [r["prompt"] for r in load_data(d.prompts, fmt="auto", allowed=("prompt", "preference",
                                                                               "prompt_completion")).rows]
-    responses = {}
-    for who, adapters in (("policy", stack.policy), ("parent", stack.reference)):
-        with use_adapters(model, adapters):
-            responses[who] = generate(model, tokenizer, prompts, max_new_tokens=d.max_new_tokens)
-    out = {"kl": mean_token_kl(model, tokenizer, prompts, responses["policy"], stack.policy, stack.reference)}
-    if d.scorer is not None:
-        from adapterkit.rewards import load_function, score_completions
-        score = load_function(d.scorer)
-        for who, key in (("policy", "score"), ("parent", "parent_score")):
-            out[key] = sum(score_completions(score, prompts, responses[who])) / len(prompts)
+    out, responses = compare_to_parent(model, tokenizer, prompts, stack.policy, stack.reference, d.scorer,
+                                       d.max_new_tokens)
     if reward_dir is not None:
         out["win_rate"] = win_rate(model, tokenizer, reward_dir, prompts, responses)
     return out
@@ -245,7 +231,7 @@ def evaluate_prompts(model, tokenizer, config: DPOConfig, stack: Stack, reward_d
 
 def win_rate(model, tokenizer, reward_dir: str, prompts: list, responses: dict) -> float:
     """Share of prompts where the reward model prefers the policy's response (ties count half)."""
-    from adapterkit.stages.reward import RewardScorer
+    from adapterkit.scorer import RewardScorer
     scorer = RewardScorer.attach(model, tokenizer, reward_dir, name="reward")
     policy, parent = scorer.score(prompts, responses["policy"]), scorer.score(prompts, responses["parent"])
     model.delete_adapter("reward")
@@ -262,7 +248,11 @@ def last_logged(history: list[dict]) -> dict:
     return out
 
 
-def finish_dpo(run: DPORun, result) -> AdapterRecord:
+def train(run: DPORun):
+    return run.trainer.train()
+
+
+def finish(run: DPORun, result) -> AdapterRecord:
     """Evaluate against the parent, then save ``default`` alone with the manifest and curves."""
     config, trainer, stack = run.config, run.trainer, run.stack
     model, tokenizer = trainer.model, trainer.processing_class
@@ -290,6 +280,4 @@ def finish_dpo(run: DPORun, result) -> AdapterRecord:
 
 def train_dpo(config: DPOConfig) -> AdapterRecord:
     """Train a DPO adapter on its parent stack as the config says; returns the saved record."""
-    preflight(config)  # output folder, adapters and data rows, before any model loads
-    run = setup_dpo(config)
-    return finish_dpo(run, run.trainer.train())
+    return run_stage(sys.modules[__name__], config)

@@ -11,7 +11,8 @@ One quantized base sits in memory; each role is a set of named LoRA adapters on 
     value       value (+ value head)       value and value head (start as the reward's)
 
 The reference is the policy with its own adapter switched off, never a second model.
-setup (model, data, optimizer) -> train (rollout, score, GAE, PPO epochs) -> cleanup (artifact).
+setup (model, data, optimizer) -> train (rollout, score, GAE, PPO epochs) -> finish (artifact).
+Rollouts are in ``ppo_rollout.py``, checkpoints in ``ppo_checkpoint.py``.
 The maths is in ``adapterkit.losses`` (PPO, GAE, KL, whitening, KL controllers).
 """
 from __future__ import annotations
@@ -20,127 +21,32 @@ import functools
 import json
 import logging
 import math
-import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adapterkit import losses, rewards
-from adapterkit.artifact import atomic_dir
-from adapterkit.base import REWARD_STAGES, load_model, load_parent_stack, parent_entry, save_adapter
+from adapterkit.adapters import save_adapter
 from adapterkit.config import PPOConfig
-from adapterkit.data import load_data
-from adapterkit.errors import DataError
-from adapterkit.evaluate import generate, mean_token_kl, prompt_ids
-from adapterkit.preflight import preflight
+from adapterkit.evaluate import compare_to_parent, generate
 from adapterkit.plots import plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, check_finite, load_stage_tokenizer,
+from adapterkit.stages.common import (AdapterRecord, check_finite, load_splits, load_stage_tokenizer, run_stage,
                                       save_stage_artifact)
-from adapterkit.tokens import left_pad, model_device
+from adapterkit.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
+from adapterkit.stages.ppo_model import POLICY, SharedBase, build_model
+from adapterkit.stages.ppo_rollout import Rollout, gather_logprobs, rollout, score_rollout  # noqa: F401
+from adapterkit.tokens import prompt_ids
 
 log = logging.getLogger("adapterkit")
-POLICY, VALUE, REWARD = "policy", "value", "reward"
 CURVES = {"reward": "reward (train)", "eval_score": "held-out score", "kl": "KL to parent (train)",
           "entropy": "entropy", "value_loss": "value loss"}  # ppo_log.jsonl key -> ppo.png panel
 
 
-def positions(mask):
-    """Position ids that skip left padding, as ``generate`` computes them. (B, L) -> (B, L)"""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class SharedBase(torch.nn.Module):
-    """The one PeftModel with every role's adapter, the reward and the value head.
-
-    ``forward(role, ...)`` is the trainable pass (policy logits or values); the frozen roles run
-    through ``score`` and ``response_logits`` under no_grad. Only policy and value weights ever
-    require grad: peft's ``set_adapter`` toggles requires_grad, so ``use`` puts it back."""
-
-    def __init__(self, peft_model, parents: list[str], scorer, value_head, temperature=1.0):
-        super().__init__()
-        self.peft, self.value_head, self.temperature = peft_model, value_head, temperature
-        # reward.RewardScorer (the frozen "reward" adapter and its head), or a reward function
-        self.scorer = scorer
-        self.roles = {"reference": parents, "policy": [*parents, POLICY], "value": [VALUE]}
-        self._lora = [(p, f".{POLICY}." in n or f".{VALUE}." in n)
-                      for n, p in peft_model.named_parameters() if "lora_" in n]
-        self.use("policy")
-
-    def use(self, role: str) -> None:
-        self.peft.base_model.set_adapter(self.roles[role])  # [] = the bare base
-        for param, trainable in self._lora:
-            param.requires_grad_(trainable)
-
-    def response_logits(self, ids, mask, n_resp: int):
-        """Logits that predict the last n_resp tokens. (B, L) -> (B, R, V)"""
-        out = self.peft(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                        logits_to_keep=n_resp + 1, use_cache=False)
-        return out.logits[:, :-1].float() / self.temperature
-
-    def response_values(self, ids, mask, n_resp: int):
-        """V(s_t) for the state before each response token, from the backbone's last hidden
-        states (no LM head). (B, L) -> (B, R)"""
-        lm = self.peft.get_base_model()
-        hidden = getattr(lm, lm.base_model_prefix)(
-            input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False
-        ).last_hidden_state[:, -n_resp - 1:-1]                         # (B, R, H)
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-
-    def forward(self, role: str, ids, mask, n_resp: int):
-        self.use(role)
-        if role == "policy":
-            return self.response_logits(ids, mask, n_resp)
-        return self.response_values(ids, mask, n_resp)
-
-
-# -- setup -------------------------------------------------------------------------------------
-
-def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]:
-    """ONE base; parents, policy, reward and value adapters on it. Returns the model and the
-    manifest (with the parent stack and the reward adapter recorded)."""
-    from peft import get_peft_model
-    from adapterkit.stages.reward import RewardScorer
-    from adapterkit.stages.sft import lora_config
-    p = config.ppo
-    model = load_model(config.base, device)  # 4-bit kernels kept differentiable (quant.py)
-    manifest = base_manifest(config, model, tokenizer)
-    base_fp = manifest["base"]["fingerprint"]
-    model, parents, manifest["parent"] = load_parent_stack(model, p.parent, base_fp)
-    if parents:
-        model.add_adapter(POLICY, lora_config(config))
-    else:
-        model = get_peft_model(model, lora_config(config), adapter_name=POLICY)
-    if rewards.is_function_ref(p.reward):
-        scorer = rewards.load_function(p.reward)
-        manifest["reward_function"] = rewards.describe(p.reward)
-    else:
-        manifest["reward_model"] = parent_entry(p.reward, base_fp, REWARD_STAGES, "reward model")
-        scorer = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=REWARD)
-    if p.value_init in (None, "reward") and isinstance(scorer, RewardScorer):
-        # a second copy of the reward's LoRA and head, trainable
-        head = RewardScorer.attach(model, tokenizer, manifest["reward_model"]["path"], name=VALUE).head.float()
-    else:
-        model.add_adapter(VALUE, lora_config(config))
-        head = torch.zeros(1, model.config.hidden_size, device=model_device(model))
-    value_head = torch.nn.Linear(head.size(1), 1, bias=False, device=head.device)
-    value_head.weight.data.copy_(head)
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return SharedBase(model, parents, scorer, value_head, p.temperature), manifest
-
-
-def load_prompts(source: str, config: PPOConfig, tokenizer) -> list:
-    d = config.data
-    rows = load_data(source, fmt=d.format, allowed=("prompt",), tokenizer=tokenizer,
-                     max_length=d.max_length, on_long=d.on_long, hub_split=d.hub_split).rows
-    return [r["prompt"] for r in rows]
-
-
 @dataclass
 class PPORun:
-    """Everything ``setup`` builds; ``train`` advances it; ``cleanup`` saves the artifact."""
+    """Everything ``setup`` builds; ``train`` advances it; ``finish`` saves the artifact."""
     config: PPOConfig
     accelerator: object
     model: object        # SharedBase, as accelerate prepared it (DDP under `accelerate launch`)
@@ -172,9 +78,10 @@ def setup(config: PPOConfig) -> PPORun:
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
     torch.manual_seed(t.seed)
     tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
-    raw = load_prompts(config.data.train, config, tokenizer)
+    train_rows, eval_rows = load_splits(config, ("prompt",), tokenizer)
+    raw = [r["prompt"] for r in train_rows.rows]
     prompts = [prompt_ids(tokenizer, q) for q in raw]
-    evals = load_prompts(config.data.eval, config, tokenizer) if config.data.eval else []
+    evals = [r["prompt"] for r in eval_rows.rows] if eval_rows else []
     roles, manifest = build_model(config, acc.device, tokenizer)
     per_step = p.rollout_batch_size * acc.num_processes
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * len(prompts) / per_step)
@@ -206,99 +113,6 @@ def step_prompts(run: PPORun) -> list[int]:
     b, acc, n = run.config.ppo.rollout_batch_size, run.accelerator, len(run.prompts)
     start = (run.step * acc.num_processes + acc.process_index) * b
     return [_epoch_order(n, run.config.train.seed, i // n)[i % n] for i in range(start, start + b)]
-
-
-@dataclass
-class Rollout:
-    ids: torch.Tensor            # (B, L) left-padded prompt + right-padded response
-    mask: torch.Tensor           # (B, L) attention mask
-    response_mask: torch.Tensor  # (B, R) 1.0 up to and including the first EOS
-    n_resp: int                  # R
-    logprobs: torch.Tensor       # (B, R) log pi_old(token), as sampled
-    entropy: torch.Tensor        # (B, R) entropy of pi_old at each response position
-    prompts: list | None = None  # the raw prompts (B), for a reward function
-
-
-class SampledLogprobs:
-    """A logits processor that records log pi(token) and the entropy of pi at every sampling
-    step, so PPO's old log-probs need no second forward pass. generate calls it before its
-    temperature warper, so it applies the temperature itself; it keeps one step's (B, V)
-    log-probs at a time (not the whole (B, R, V) history) and reads each step's sampled token
-    from the next call's ``input_ids``."""
-
-    def __init__(self, temperature: float):
-        self.temperature, self.pending = temperature, None
-        self.logprobs: list[torch.Tensor] = []  # R of (B,)
-        self.entropy: list[torch.Tensor] = []
-
-    def take(self, tokens) -> None:
-        """log pi of the tokens sampled from the pending step. tokens (B,)"""
-        self.logprobs.append(self.pending.gather(-1, tokens[:, None]).squeeze(-1))
-
-    def __call__(self, input_ids, scores):
-        if self.pending is not None:
-            self.take(input_ids[:, -1])
-        logits = scores.float() / self.temperature                      # (B, V)
-        self.pending = torch.log_softmax(logits, -1)
-        self.entropy.append(losses.entropy_from_logits(logits))
-        return scores
-
-    def result(self, resp) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs, entropy), (B, R) each, for the generated responses resp (B, R)."""
-        self.take(resp[:, -1])
-        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
-
-
-@torch.no_grad()
-def rollout(run: PPORun, prompts: list[list[int]], do_sample: bool = True) -> Rollout:
-    """Responses sampled from the policy (eval mode, KV cache), with their log-probs."""
-    roles, tok, p = run.roles, run.tokenizer, run.config.ppo
-    ids, mask = left_pad(prompts, tok.pad_token_id, model_device(roles.peft))
-    roles.use("policy")
-    roles.peft.eval()
-    sampling = dict(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0) if do_sample else {
-        "do_sample": False}  # exact samples of pi (its logprobs are what PPO's ratio needs)
-    recorder = SampledLogprobs(p.temperature)
-    gen = roles.peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=p.max_new_tokens,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              use_cache=True, logits_processor=[recorder], **sampling)
-    roles.peft.train()
-    resp = gen[:, ids.size(1):]                                    # (B, R)
-    logprobs, entropy = recorder.result(resp)
-    is_eos = (resp == tok.eos_token_id).long()
-    resp_mask = ((is_eos.cumsum(-1) - is_eos) == 0).float()        # through the first EOS
-    resp = resp.masked_fill(resp_mask == 0, tok.pad_token_id)
-    return Rollout(torch.cat([ids, resp], 1), torch.cat([mask, resp_mask.long()], 1),
-                   resp_mask, resp.size(1), logprobs, entropy)
-
-
-def gather_logprobs(logits, tokens):
-    """log pi(token). logits (B, R, V), tokens (B, R) -> (B, R)"""
-    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-@torch.no_grad()
-def score_rollout(run: PPORun, ro: Rollout) -> dict:
-    """Per rollout: reward score (B,); policy (from sampling) and reference log-probs, entropy
-    and values (B, R)."""
-    roles, t = run.roles, run.config.train
-    chunk, parts = t.batch_size * t.grad_accum, []
-    for i in range(0, ro.ids.size(0), chunk):
-        ids, mask = ro.ids[i:i + chunk], ro.mask[i:i + chunk]
-        resp = ids[:, -ro.n_resp:]
-        roles.use("reference")
-        part = {"ref_logprobs": gather_logprobs(roles.response_logits(ids, mask, ro.n_resp), resp)}
-        roles.use("value")
-        part["values"] = roles.response_values(ids, mask, ro.n_resp)
-        if callable(roles.scorer):  # a reward function scores the decoded responses
-            texts = run.tokenizer.batch_decode(resp, skip_special_tokens=True)
-            part["scores"] = torch.tensor(rewards.score_completions(roles.scorer, ro.prompts[i:i + chunk], texts),
-                                          device=ids.device)
-        else:
-            part["scores"] = roles.scorer.score_ids(ids, mask)
-        parts.append(part)
-    return {"logprobs": ro.logprobs, "entropy": ro.entropy,
-            **{k: torch.cat([part[k] for part in parts]) for k in parts[0]}}
 
 
 def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
@@ -458,62 +272,7 @@ def restore_best(run: PPORun) -> None:
     set_peft_model_state_dict(run.roles.peft, run.best["weights"], adapter_name=POLICY)
 
 
-# -- checkpoints: safetensors for tensors, JSON for the rest (no pickle) --------------------------
-
-def save_checkpoint(run: PPORun) -> None:
-    """Policy and value adapters, value head, AdamW state, scheduler, KL coefficient, step."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-    if not run.accelerator.is_main_process:
-        return
-    out = Path(run.config.ppo.checkpoint_dir or f"{run.config.output.dir}.checkpoint")
-    with atomic_dir(out) as tmp:
-        weights = {f"{name}/{k}": v for name in (POLICY, VALUE)
-                   for k, v in get_peft_model_state_dict(run.roles.peft, adapter_name=name).items()}
-        weights["value_head.weight"] = run.roles.value_head.weight
-        if run.best is not None:
-            weights.update({f"best/{k}": v for k, v in run.best["weights"].items()})
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                  tmp / "adapters.safetensors")
-        state = run.optimizer.state_dict()  # {"state": {i: {name: value}}, "param_groups": [...]}
-        flat = {f"{i}/{k}": v for i, s in state["state"].items() for k, v in s.items()}
-        save_file({k: v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)},
-                  tmp / "optimizer.safetensors")
-        meta = {"step": run.step, "kl_coef": run.kl_ctl.value, "history": run.history, "evals": run.evals,
-                "best": None if run.best is None else {k: run.best[k] for k in ("step", "eval_score")},
-                "param_groups": state["param_groups"], "scheduler": run.scheduler.state_dict(),
-                "optimizer_scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-
-
-def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:
-    """Restore what ``save_checkpoint`` wrote; the next step is the one after it."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not (path / "trainer.json").is_file():
-        raise DataError(f"{path}: not a PPO checkpoint (no trainer.json)")
-    weights = load_file(str(path / "adapters.safetensors"))
-    meta = json.loads((path / "trainer.json").read_text())
-    for name in (POLICY, VALUE):
-        set_peft_model_state_dict(run.roles.peft, {k.split("/", 1)[1]: v for k, v in weights.items()
-                                                   if k.startswith(f"{name}/")}, adapter_name=name)
-    run.roles.value_head.weight.data.copy_(weights["value_head.weight"])
-    state: dict = {}
-    optimizer = load_file(str(path / "optimizer.safetensors"))
-    for key, v in [*optimizer.items(), *meta["optimizer_scalars"].items()]:
-        i, k = key.split("/", 1)
-        state.setdefault(int(i), {})[k] = v
-    run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    run.scheduler.load_state_dict(meta["scheduler"])
-    run.kl_ctl.value, run.step, run.history = meta["kl_coef"], meta["step"], meta["history"]
-    run.evals = meta.get("evals", [])
-    if meta.get("best") is not None:
-        run.best = {**meta["best"], "weights": {k.split("/", 1)[1]: v for k, v in weights.items()
-                                                 if k.startswith("best/")}}
-
-
-# -- evaluation and cleanup --------------------------------------------------------------------
+# -- evaluation and finish ---------------------------------------------------------------------
 
 def evaluate_policy(run: PPORun) -> dict:
     """Greedy responses of policy and parent on held-out prompts: ground-truth scores, and the
@@ -521,22 +280,13 @@ def evaluate_policy(run: PPORun) -> dict:
     prompts, p, roles = run.eval_prompts, run.config.ppo, run.roles
     if not prompts:
         return {}
-    kw = dict(max_new_tokens=p.max_new_tokens, batch_size=p.rollout_batch_size)
-    responses = {}
-    for role in ("policy", "reference"):
-        roles.use(role)
-        responses[role] = generate(roles.peft, run.tokenizer, prompts, **kw)
-    out = {"kl": mean_token_kl(roles.peft, run.tokenizer, prompts, responses["policy"],
-                               roles.roles["policy"], roles.roles["reference"])}
-    if p.scorer is not None:
-        score = rewards.load_function(p.scorer)
-        for role, key in (("policy", "score"), ("reference", "parent_score")):
-            out[key] = sum(rewards.score_completions(score, prompts, responses[role])) / len(prompts)
+    out, _ = compare_to_parent(roles.peft, run.tokenizer, prompts, roles.stacks["policy"],
+                               roles.stacks["reference"], p.scorer, p.max_new_tokens, p.rollout_batch_size)
     roles.use("policy")
     return out
 
 
-def cleanup(run: PPORun) -> AdapterRecord:
+def finish(run: PPORun, result=None) -> AdapterRecord:
     """Evaluate, then save the policy adapter with its manifest, curves and log."""
     acc, history = run.accelerator, run.history
     acc.wait_for_everyone()
@@ -562,7 +312,4 @@ def cleanup(run: PPORun) -> AdapterRecord:
 
 def train_ppo(config: PPOConfig) -> AdapterRecord:
     """Train a PPO policy adapter as the config says; returns the saved adapter's record."""
-    preflight(config)  # output folder, adapters and data rows, before any model loads
-    run = setup(config)
-    train(run)
-    return cleanup(run)
+    return run_stage(sys.modules[__name__], config)

@@ -8,35 +8,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
 
+from adapterkit.adapters import lora_config
 from adapterkit.base import load_model
 from adapterkit.config import SFTConfig
-from adapterkit.data import has_generation_markers, load_data, split_last_turn
-from adapterkit.preflight import preflight
+from adapterkit.data import has_generation_markers, split_last_turn
 from adapterkit.plots import history_series, plot_curves
-from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_stage_tokenizer,
-                                      quiet_trainer, run_dir, save_stage_artifact, trainer_kwargs)
+from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
+                                      load_stage_tokenizer, quiet_trainer, run_dir, run_stage,
+                                      save_stage_artifact, trainer_kwargs)
 
 log = logging.getLogger("adapterkit")
 SFT_FORMATS = ("messages", "prompt_completion", "text")
 
 
-def lora_config(config, task_type: str = "CAUSAL_LM"):
-    from peft import LoraConfig
-    lo = config.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
-                      target_modules=lo.target_modules, task_type=task_type, bias="none")
-
-
 def setup_data(config: SFTConfig, tokenizer):
     """Validated train/eval datasets in a format SFTTrainer takes, and the load report."""
     from datasets import Dataset
-    d = config.data
-    kw = dict(fmt=d.format, allowed=SFT_FORMATS, tokenizer=tokenizer, max_length=d.max_length,
-              on_long=d.on_long, hub_split=d.hub_split)
-    train = load_data(d.train, **kw)
-    evals = load_data(d.eval, **kw) if d.eval else None
+    train, evals = load_splits(config, SFT_FORMATS, tokenizer)
     assistant_only = train.format == "messages" and has_generation_markers(tokenizer)
     if train.format == "messages" and not assistant_only:
         log.warning("the chat template has no {%% generation %%} markers: training on the last "
@@ -52,7 +43,7 @@ def setup_data(config: SFTConfig, tokenizer):
 
 @dataclass
 class SFTRun:
-    """Everything ``setup_sft`` builds; ``finish_sft`` turns it into an artifact."""
+    """Everything ``setup`` builds; ``finish`` turns it into an artifact."""
     config: SFTConfig
     trainer: object  # trl.SFTTrainer over the PeftModel
     manifest: dict
@@ -60,7 +51,7 @@ class SFTRun:
     scratch: str
 
 
-def setup_sft(config: SFTConfig) -> SFTRun:
+def setup(config: SFTConfig) -> SFTRun:
     """Base (quantized), tokenizer, validated data, LoRA and trainer; nothing trained yet."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -89,7 +80,11 @@ def setup_sft(config: SFTConfig) -> SFTRun:
     return SFTRun(config, trainer, manifest, report, scratch)
 
 
-def finish_sft(run: SFTRun, result) -> AdapterRecord:
+def train(run: SFTRun):
+    return run.trainer.train()
+
+
+def finish(run: SFTRun, result) -> AdapterRecord:
     """Metrics, loss curve and the adapter artifact."""
     trainer = run.trainer
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, **run.report}
@@ -108,6 +103,4 @@ def finish_sft(run: SFTRun, result) -> AdapterRecord:
 
 def train_sft(config: SFTConfig) -> AdapterRecord:
     """Train an SFT adapter as the config says; returns the saved adapter's record."""
-    preflight(config)  # output folder, adapters and data rows, before any model loads
-    run = setup_sft(config)
-    return finish_sft(run, run.trainer.train())
+    return run_stage(sys.modules[__name__], config)

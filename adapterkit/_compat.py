@@ -1,0 +1,159 @@
+"""Every private name of bitsandbytes and trl that adapterkit touches, and nothing else.
+
+adapterkit is written for the versions pinned in pyproject.toml (``WRITTEN_FOR``). Each private
+name is looked up through ``private``: when an upgrade moves or removes one, the run stops here
+with a ``CompatError`` that names the package, its version, the name and this file, instead
+of failing somewhere else or, worse, silently computing something different. A version
+outside the tested range is logged once as a warning (the names may still be there).
+
+Used by ``quant.py`` (bitsandbytes' CPU 4-bit internals) and ``stages/dpo.py`` /
+``stages/reward.py`` (trl's DPO loss entry point and init side effects, a warning filter).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from importlib import metadata
+
+from adapterkit.errors import AdapterkitError
+
+log = logging.getLogger("adapterkit")
+
+WRITTEN_FOR = {"bitsandbytes": "0.50", "trl": "1.16"}  # major.minor, as pinned in pyproject.toml
+
+
+class CompatError(AdapterkitError):
+    """A private name of bitsandbytes or trl that adapterkit relies on is not there."""
+
+
+@functools.cache
+def check_version(package: str) -> str:
+    """The installed version; a warning (once) when it is not the major.minor written for."""
+    version = metadata.version(package)
+    if ".".join(version.split(".")[:2]) != WRITTEN_FOR[package]:
+        log.warning("%s %s: adapterkit was written for %s %s.x; its private names are checked in "
+                    "adapterkit/_compat.py as they are used", package, version, package, WRITTEN_FOR[package])
+    return version
+
+
+# every private or internal name used below, for ``check_all`` (a test runs it on the pinned versions)
+NAMES = (("bitsandbytes.functional", "_convert_weight_packed_for_cpu_inverse"),
+         ("bitsandbytes.cextension", "lib"),
+         ("bitsandbytes.nn.modules", "fix_4bit_weight_quant_state_from_module"),
+         ("trl.models.utils", "disable_gradient_checkpointing"),
+         ("trl.trainer.reward_trainer", "suppress_seqcls_warning"))
+
+
+def check_all() -> None:
+    """Look up every name adapterkit uses now (``CompatError`` on the first one missing)."""
+    from trl import DPOTrainer
+    for module, name in NAMES:
+        private(module, name)
+    dpo_loss_entry(DPOTrainer)
+
+
+@functools.cache
+def private(module: str, name: str, optional: bool = False):
+    """``module.name`` (a private or internal name); raises ``CompatError`` when it is gone
+    (``optional``: returns None instead, for a feature a version may not have)."""
+    package = module.split(".")[0]
+    version = check_version(package)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        if optional:
+            return None
+        raise CompatError(f"{package} {version} has no {module}.{name} ({err}); adapterkit uses it and was "
+                          f"written for {package} {WRITTEN_FOR[package]}.x: install that version, or "
+                          "update adapterkit/_compat.py") from None
+
+
+# -- bitsandbytes: the CPU 4-bit layout and kernels (see quant.py) -----------------------------
+
+def cpu_packed(quant_state) -> bool:
+    """True when a 4-bit weight is in bitsandbytes' CPU inference layout (repacked for bf16)."""
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def unpack_cpu_weight(data, quant_state):
+    """Undo the CPU repacking: (weight data, quant state) in the standard 4-bit layout, or None
+    when this bitsandbytes has no such repacking."""
+    inverse = private("bitsandbytes.functional", "_convert_weight_packed_for_cpu_inverse", optional=True)
+    return None if inverse is None else inverse(data, quant_state)
+
+
+def has_cpu_repacking() -> bool:
+    return private("bitsandbytes.functional", "_convert_weight_packed_for_cpu_inverse", optional=True) is not None
+
+
+def no_cpu_repacking(module) -> None:
+    """Keep a Linear4bit from repacking itself for bf16 on its first eval-mode CPU forward."""
+    module.support_avx512bf16_for_cpu = False
+
+
+def cpu_dequantize_kernel(quant_type: str, dtype_tag: str):
+    """bitsandbytes' native CPU dequantizer ``cdequantize_blockwise_cpu_<type>_<dtype>`` (a ctypes
+    function), or None when the native library or that kernel is missing."""
+    try:
+        lib = private("bitsandbytes.cextension", "lib", optional=True)
+        return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{dtype_tag}", None)
+    except Exception:  # no native library, or a build without CPU kernels
+        return None
+
+
+def fix_quant_state(module) -> None:
+    """What Linear4bit.forward does first: restore a quant state lost by a parameter copy."""
+    private("bitsandbytes.nn.modules", "fix_4bit_weight_quant_state_from_module")(module)
+
+
+# -- trl -------------------------------------------------------------------------------------------
+
+TRL_REF_ADAPTER = "ref"  # the copy of ``default`` trl 1.16's DPOTrainer init adds to a PeftModel
+
+
+def disable_gradient_checkpointing(model, kwargs):
+    """trl's context manager that runs a forward without gradient checkpointing."""
+    return private("trl.models.utils", "disable_gradient_checkpointing")(model, kwargs)
+
+
+def suppress_seqcls_warning():
+    """trl's context that silences transformers' 'newly initialized score head' warning."""
+    return private("trl.trainer.reward_trainer", "suppress_seqcls_warning")()
+
+
+def dpo_loss_entry(trainer_class) -> str:
+    """The name of the DPOTrainer method that computes the loss from a batch (private in trl
+    1.16); checked to exist so a subclass's override of it cannot silently stop being called."""
+    check_version("trl")
+    if not callable(getattr(trainer_class, "_compute_loss", None)):
+        raise CompatError(f"trl {metadata.version('trl')}: DPOTrainer has no _compute_loss; adapterkit's "
+                          "reference-from-the-parent-stack override needs it (update adapterkit/_compat.py)")
+    return "_compute_loss"
+
+
+def reference_from_batch(trainer, on: bool) -> None:
+    """Make trl's DPO loss read the reference log-probs from the batch (``on``) or compute them."""
+    trainer.precompute_ref_logps = on
+
+
+def trainer_metrics(trainer, split: str = "eval") -> dict:
+    """The metric lists trl's trainers collect before logging them (tests read these)."""
+    return trainer._metrics[split]
+
+
+def with_reference_in_batch(trainer_class, add_reference):
+    """A subclass of trl's DPOTrainer whose loss first puts the reference log-probs into the batch
+    (``add_reference(trainer, model, inputs) -> inputs``) and has trl read them from there."""
+    name = dpo_loss_entry(trainer_class)
+    loss_from_batch = getattr(trainer_class, name)
+
+    def compute(self, model, inputs, return_outputs):
+        inputs = add_reference(self, model, inputs)
+        reference_from_batch(self, True)
+        try:
+            return loss_from_batch(self, model, inputs, return_outputs)
+        finally:
+            reference_from_batch(self, False)
+
+    return type(trainer_class.__name__, (trainer_class,), {name: compute, "__doc__": trainer_class.__doc__})

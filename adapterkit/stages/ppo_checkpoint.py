@@ -1,0 +1,71 @@
+"""PPO checkpoints: safetensors for tensors, JSON for the rest (no pickle). A resumed run
+continues at the step after the checkpoint, with the same optimizer, scheduler, KL
+coefficient, evaluations and best policy."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapterkit.artifact import atomic_dir
+from adapterkit.errors import DataError
+from adapterkit.stages.ppo_model import POLICY, VALUE
+
+if TYPE_CHECKING:
+    from adapterkit.stages.ppo import PPORun
+
+
+def save_checkpoint(run: PPORun) -> None:
+    """Policy and value adapters, value head, AdamW state, scheduler, KL coefficient, step."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    if not run.accelerator.is_main_process:
+        return
+    out = Path(run.config.ppo.checkpoint_dir or f"{run.config.output.dir}.checkpoint")
+    with atomic_dir(out) as tmp:
+        weights = {f"{name}/{k}": v for name in (POLICY, VALUE)
+                   for k, v in get_peft_model_state_dict(run.roles.peft, adapter_name=name).items()}
+        weights["value_head.weight"] = run.roles.value_head.weight
+        if run.best is not None:
+            weights.update({f"best/{k}": v for k, v in run.best["weights"].items()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  tmp / "adapters.safetensors")
+        state = run.optimizer.state_dict()  # {"state": {i: {name: value}}, "param_groups": [...]}
+        flat = {f"{i}/{k}": v for i, s in state["state"].items() for k, v in s.items()}
+        save_file({k: v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)},
+                  tmp / "optimizer.safetensors")
+        meta = {"step": run.step, "kl_coef": run.kl_ctl.value, "history": run.history, "evals": run.evals,
+                "best": None if run.best is None else {k: run.best[k] for k in ("step", "eval_score")},
+                "param_groups": state["param_groups"], "scheduler": run.scheduler.state_dict(),
+                "optimizer_scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:
+    """Restore what ``save_checkpoint`` wrote; the next step is the one after it."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not (path / "trainer.json").is_file():
+        raise DataError(f"{path}: not a PPO checkpoint (no trainer.json)")
+    weights = load_file(str(path / "adapters.safetensors"))
+    meta = json.loads((path / "trainer.json").read_text())
+    for name in (POLICY, VALUE):
+        set_peft_model_state_dict(run.roles.peft, {k.split("/", 1)[1]: v for k, v in weights.items()
+                                                   if k.startswith(f"{name}/")}, adapter_name=name)
+    run.roles.value_head.weight.data.copy_(weights["value_head.weight"])
+    state: dict = {}
+    optimizer = load_file(str(path / "optimizer.safetensors"))
+    for key, v in [*optimizer.items(), *meta["optimizer_scalars"].items()]:
+        i, k = key.split("/", 1)
+        state.setdefault(int(i), {})[k] = v
+    run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    run.scheduler.load_state_dict(meta["scheduler"])
+    run.kl_ctl.value, run.step, run.history = meta["kl_coef"], meta["step"], meta["history"]
+    run.evals = meta.get("evals", [])
+    if meta.get("best") is not None:
+        run.best = {**meta["best"], "weights": {k.split("/", 1)[1]: v for k, v in weights.items()
+                                                 if k.startswith("best/")}}
