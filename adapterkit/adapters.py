@@ -115,14 +115,27 @@ def checked_adapter(ref: str | Path, stages: tuple[str, ...], role: str,
 def parent_record(adapter_dir: str | Path, base_fp: dict, stages: tuple[str, ...] = POLICY_STAGES,
                   role: str = "parent") -> dict:
     """The manifest's record (a dict) of one parent adapter (a directory or a registry
-    reference), verified (``checked_adapter``); refuses one trained on another base."""
+    reference), verified (``checked_adapter``); refuses one trained on another base. The record
+    names the parent by identity: its sha256, its manifest name and, when it is a registry
+    entry, its ``ref`` (``name@version``); ``path`` is made relative to the artifact on save."""
     d, manifest = checked_adapter(adapter_dir, stages, role)
     trained_on = (manifest.get("base") or {}).get("fingerprint", {}).get("id")
     if trained_on != base_fp["id"]:
         raise CompatibilityError(f"{adapter_dir}: trained on base {trained_on} "
                                  f"({(manifest.get('base') or {}).get('source')}), not on this base {base_fp['id']}")
-    return {"path": str(d), "name": manifest.get("name", d.name),
+    return {"path": str(d), "name": manifest.get("name", d.name), "ref": registry_ref(d, manifest),
             "sha256": sha256_file(d / "adapter_model.safetensors"), "base_fingerprint": trained_on}
+
+
+def registry_ref(folder: Path, manifest: dict) -> str | None:
+    """``name@version`` when ``folder`` is a registry's version folder (``<root>/<name>/<N>``,
+    stamped with that name and version), else None: lineage is recorded by identity."""
+    from adapterkit.registry import INDEX
+    folder = Path(folder).resolve()
+    if (folder.parent.parent / INDEX).is_file() and manifest.get("name") == folder.parent.name \
+            and str(manifest.get("version")) == folder.name:
+        return f"{folder.parent.name}@{folder.name}"
+    return None
 
 
 def load_parent_stack(model, parent_dirs: list[str | Path], base_fp: dict):

@@ -46,49 +46,63 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def model_card(manifest: dict) -> str:
-    base = manifest["base"]["source"]
-    tags = ["adapterkit", "peft", "lora", manifest["stage"], *manifest.get("tags", [])]
-    metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                        for k, v in manifest.get("metrics", {}).items())
-    parent = " → ".join(p["name"] for p in manifest.get("parent", [])) or "(the base)"
-    return f"""---
-base_model: {base}
-library_name: peft
-tags:
-{chr(10).join(f"- {t}" for t in dict.fromkeys(tags))}
----
+def path_like(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or "/" in value or value == "."
 
-# {manifest["name"]}
 
-A LoRA adapter made by adapterkit's **{manifest["stage"]}** stage for the domain
-**{manifest["domain"]}**. It is trained on top of: {parent}.
+def portable(obj, folder: Path):
+    """``obj`` (a manifest, a recipe) with every absolute or working-directory path that exists
+    on this machine rewritten relative to ``folder`` (the artifact), so nothing in an artifact
+    names the machine that made it; other strings (hub ids, ``tiny:sft``, names) stay."""
+    if isinstance(obj, dict):
+        return {k: portable(v, folder) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, folder) for v in obj]
+    if isinstance(obj, str) and path_like(obj):
+        path = Path(obj).expanduser()
+        if os.path.isabs(path) or path.exists():
+            return os.path.relpath(path.resolve(), folder.resolve())
+    return obj
 
-```python
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained("{base}")
-model = PeftModel.from_pretrained(base, "path/to/this/adapter")
-```
 
-Base fingerprint `{manifest["base"]["fingerprint"]["id"]}`, trained with quantization
-`{manifest["base"]["quantization"]}`. The recipe is in `config.yaml`; the manifest
-`adapterkit.json` holds the sha256 of every file.
+def rebase(obj, old: Path, new: Path):
+    """Paths relative to an artifact at ``old`` made relative to its copy at ``new``."""
+    if isinstance(obj, dict):
+        return {k: rebase(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rebase(v, old, new) for v in obj]
+    if isinstance(obj, str) and path_like(obj) and not os.path.isabs(obj) and (old / obj).exists():
+        return os.path.relpath((old / obj).resolve(), new.resolve())
+    return obj
 
-| metric | value |
-| --- | --- |
-{metrics}
-"""
+
+def recorded_path(folder: Path, value: str) -> str:
+    """A path a manifest recorded (relative to its artifact ``folder``) as a usable path; a
+    value that is no path there (``tiny``, a hub id, ``tiny:sft``) comes back unchanged."""
+    if isinstance(value, str) and path_like(value) and not os.path.isabs(value) and (folder / value).exists():
+        return str((folder / value).resolve())
+    return value
+
+
+def portable_yaml(path: Path, folder: Path) -> None:
+    """Rewrite a YAML recipe in place with ``portable`` paths (config.yaml beside an adapter)."""
+    import yaml
+    if path.is_file():
+        path.write_text(yaml.safe_dump(portable(yaml.safe_load(path.read_text()), folder), sort_keys=False))
 
 
 def write_artifact(out_dir: str | os.PathLike, write_files: Callable[[Path], None],
                    manifest: dict) -> Path:
-    """Call ``write_files(tmp)``, then add manifest + card and move the folder into place."""
+    """Call ``write_files(tmp)``, then add manifest + card and move the folder into place; every
+    path in the manifest and ``config.yaml`` is written relative to the artifact (``portable``)."""
+    from adapterkit.cards import model_card
+    folder = Path(out_dir).resolve()
     with atomic_dir(out_dir) as tmp:
         write_files(tmp)
-        manifest = {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "libraries": library_versions()}
-        (tmp / "README.md").write_text(model_card(manifest))
+        portable_yaml(tmp / "config.yaml", folder)
+        manifest = {**portable(manifest, folder), "libraries": library_versions(),
+                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        (tmp / "README.md").write_text(model_card(manifest, [p.name for p in tmp.iterdir()]))
         seal(tmp, manifest)
     return Path(out_dir)
 

@@ -122,12 +122,16 @@ def weights_part(path: Path) -> str:
     return sha256_json({p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
 
 
-def trained_base(manifest: dict) -> BaseSection:
+def trained_base(manifest: dict, where: Path | None = None) -> BaseSection:
     """The base an adapter was trained on, from its recipe (or its manifest's base record),
     with ``trust_remote_code`` off: a manifest is someone else's file and may not choose to
-    run code here; only the user's own recipe or command line can turn it on."""
+    run code here; only the user's own recipe or command line can turn it on. A local base is
+    recorded relative to the artifact: ``where`` is the artifact's folder."""
     from pydantic import ValidationError
+    from adapterkit.artifact import recorded_path
     recipe_base = (manifest.get("recipe") or {}).get("base")
+    if recipe_base and where is not None and isinstance(recipe_base.get("name"), str):
+        recipe_base = {**recipe_base, "name": recorded_path(Path(where), recipe_base["name"])}
     try:
         if recipe_base:
             section = BaseSection.model_validate(recipe_base)

@@ -106,11 +106,14 @@ def _registry_args(p):
 
 
 def _run_publish(args) -> None:
-    entry = _open_registry(args, create=True).publish(args.dir, name=args.name, domain=args.domain, tags=args.tag)
+    entry = _open_registry(args, create=True).publish(args.dir, name=args.name, domain=args.domain, tags=args.tag,
+                                                      parents=args.parent)
     if args.json:
         print_json(entry.to_dict())
-    else:
-        print(f"published {entry.ref} ({entry.stage}, domain {entry.domain}) at {entry.path}")
+        return
+    print(f"published {entry.ref} ({entry.stage}, domain {entry.domain}) at {entry.path}")
+    for p in entry.parent:
+        print(f"  trained on top of {p.get('registry_ref') or p.get('name') + ' (not in this registry)'}")
 
 
 @command("publish", "copy a trained adapter directory into the registry as a new version", _run_publish)
@@ -119,24 +122,42 @@ def _publish_args(p):
     p.add_argument("--name", help="registry name (default: the manifest's name)")
     p.add_argument("--domain", help="domain (default: the manifest's)")
     p.add_argument("--tag", action="append", default=[], help="a tag; repeat for several")
+    p.add_argument("--parent", action="append", metavar="REF", help="the registry entry each recorded parent "
+                   "is (bottom first; repeat), when its bytes are published under several names")
     p.add_argument("--json", action="store_true")
     _add_registry(p)
 
 
+def _profile_line(p) -> str:
+    method = f", method {p.method}" if p.mode == "merge" else ""
+    return f"profile {p.name} ({p.domain}): {' + '.join(p.stack)} [{p.mode}{method}]"
+
+
 def _run_profile(args) -> None:
-    from adapterkit.profiles import get_profile, list_profiles, set_profile
+    from adapterkit.profiles import get_profile, list_profiles, newer_versions, set_profile, update_profile
     reg = _open_registry(args)
     if args.action == "set":
-        profile = set_profile(reg, args.name, args.stack, args.mode, args.method, args.domain, args.force)
-        print(f"profile {profile.name} ({profile.domain}): {' + '.join(profile.stack)} [{profile.mode}]")
+        profile = set_profile(reg, args.name, args.stack, args.mode, args.method, args.domain, args.force, args.alone)
+        print(_profile_line(profile))
+        from adapterkit.lineage import stack_gaps
+        for note in stack_gaps(reg, [reg.get(r) for r in profile.stack]):
+            print(f"note: {note} (--alone)")
+        return
+    if args.action == "update":
+        profile, moved = update_profile(reg, args.name)
+        print("\n".join(f"moved {old} -> {new}" for old, new in moved.items()) or "already up to date")
+        print(_profile_line(profile))
         return
     profiles = [get_profile(reg, args.name)] if args.action == "show" else list_profiles(reg)
+    newer = {p.name: newer_versions(reg, p) for p in profiles}
     if args.json:
-        print_json([p.to_dict() for p in profiles] if args.action == "list" else profiles[0].to_dict())
+        dicts = [{**p.to_dict(), "newer": newer[p.name]} for p in profiles]
+        print_json(dicts if args.action == "list" else dicts[0])
         return
     for p in profiles:
-        method = f", method {p.method}" if p.mode == "merge" else ""
-        print(f"{p.name} ({p.domain}): {' + '.join(p.stack)} [{p.mode}{method}]")
+        print(_profile_line(p))
+        for old, new in newer[p.name].items():
+            print(f"  note: {new} is newer than {old}; `adapterkit profile update {p.name}` moves it")
 
 
 @command("profile", "set, show and list domain profiles (an ordered stack + a serving mode)", _run_profile)
@@ -149,31 +170,43 @@ def _profile_args(p):
     s.add_argument("--method", default="cat", help="merge method for mode merge (default: cat, exact)")
     s.add_argument("--domain", help="default: the top adapter's domain")
     s.add_argument("--force", action="store_true", help="allow adapters trained on different bases")
-    show = sub.add_parser("show")
+    s.add_argument("--alone", action="store_true", help="keep exactly these layers, without the parents "
+                   "they were trained on (default: each layer brings its recorded parents)")
+    show = sub.add_parser("show", help="a profile, and newer versions of its layers")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
+    up = sub.add_parser("update", help="move a profile's layers to their newest versions, lineage checked")
+    up.add_argument("name")
     ls = sub.add_parser("list")
     ls.add_argument("--json", action="store_true")
-    for q in (s, show, ls):
+    for q in (s, show, up, ls):
         _add_registry(q)
 
 
 def _run_merge(args) -> None:
     from adapterkit.merge import MergeSpec, merge_profile
     spec = MergeSpec(args.method or "cat", density=args.density, mixed_ranks=args.mixed_ranks)
-    report = merge_profile(args.profile, args.out, args.method, _open_registry(args), spec,
-                           force=args.force, publish=args.publish, overwrite=args.overwrite)
+    report = merge_profile(args.profile, args.out, args.method, _open_registry(args), spec, force=args.force,
+                           publish=args.publish, overwrite=args.overwrite, prompts_file=args.prompts, alone=args.alone)
     if args.json:
         print_json(report.to_dict())
         return
     print(f"merged {args.profile} with {report.method} ({report.note}) into {report.out}")
-    print(f"  vs the stacked adapters on {report.prompts} held-out prompts: max logit diff "
+    print(f"  vs the stacked adapters on {report.prompts} {report.prompt_source}: max logit diff "
           f"{report.max_logit_diff:.3g}, mean {report.mean_logit_diff:.3g}" + (" (exact)" if report.exact else ""))
+
+
+def _add_serving(p) -> None:
+    """The flags every command that serves a profile or an adapter ref shares."""
+    p.add_argument("--alone", action="store_true", help="an adapter ref by itself, without the parents it "
+                   "was trained on (default: with them)")
+    p.add_argument("--force", action="store_true", help="load adapters trained on another base")
+    _add_registry(p)
 
 
 @command("merge", "merge a profile's stack into one adapter and report what it cost", _run_merge)
 def _merge_args(p):
-    p.add_argument("profile")
+    p.add_argument("profile", help="a profile, or an adapter ref (served with its parents)")
     p.add_argument("--method", help="cat (exact), linear, ties, dare_linear, dare_ties, svd "
                                     "(default: the profile's)")
     p.add_argument("--out", required=True, help="folder for the merged adapter")
@@ -181,33 +214,35 @@ def _merge_args(p):
                    help="linear/ties/dare on adapters of different ranks: zero-pad, or peft's svd variant")
     p.add_argument("--density", type=float, default=0.7, help="ties/dare: fraction of entries kept")
     p.add_argument("--publish", metavar="NAME", help="also publish the merged adapter under NAME")
-    p.add_argument("--force", action="store_true", help="load adapters trained on another base")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even when it holds something else")
-    p.add_argument("--json", action="store_true")
-    _add_registry(p)
+    _add_measure(p)
 
 
 def _run_export(args) -> None:
     from adapterkit.export import export_profile
     report = export_profile(args.profile, args.out, args.dtype, _open_registry(args), force=args.force,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, prompts_file=args.prompts, alone=args.alone)
     if args.json:
         print_json(report.to_dict())
         return
     print(f"exported {args.profile} as a full {report.dtype} model to {report.out}")
-    print(f"  vs the stacked adapters on {report.prompts} held-out prompts: max logit diff "
+    print(f"  vs the stacked adapters on {report.prompts} {report.prompt_source}: max logit diff "
           f"{report.max_logit_diff:.3g}, mean {report.mean_logit_diff:.3g}")
+
+
+def _add_measure(p) -> None:
+    p.add_argument("--prompts", metavar="FILE", help="measure the result on the prompts of this data file "
+                   "(default: the adapters' recorded held-out data)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even when it holds something else")
+    p.add_argument("--json", action="store_true")
+    _add_serving(p)
 
 
 @command("export", "merge a profile into a dequantized copy of its base; save a full model", _run_export)
 def _export_args(p):
-    p.add_argument("profile")
+    p.add_argument("profile", help="a profile, or an adapter ref (served with its parents)")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--force", action="store_true", help="load adapters trained on another base")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even when it holds something else")
-    p.add_argument("--json", action="store_true")
-    _add_registry(p)
+    _add_measure(p)
 
 
 def _run_generate(args) -> None:
@@ -215,7 +250,13 @@ def _run_generate(args) -> None:
     key = args.profile or args.adapter
     if key is None:
         raise AdapterkitError("generate: give --profile NAME or --adapter REF")
-    answers = serve_profile(key, args.prompts, _open_registry(args), args.max_new_tokens, force=args.force)
+    from adapterkit.profiles import resolve_key
+    reg = _open_registry(args)
+    refs, _, notes = resolve_key(reg, key, args.alone)
+    print(f"serving {' + '.join(refs)}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    answers = serve_profile(key, args.prompts, reg, args.max_new_tokens, force=args.force, alone=args.alone)
     if args.json:
         print_json([{"prompt": p, "response": r} for p, r in zip(args.prompts, answers)])
         return
@@ -227,8 +268,8 @@ def _run_generate(args) -> None:
 def _generate_args(p):
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--profile", help="a profile name")
-    p.add_argument("--adapter", help="a registry ref instead of a profile")
+    p.add_argument("--adapter", help="a registry ref instead of a profile (served with the parents it "
+                   "was trained on, unless --alone)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--force", action="store_true", help="load adapters trained on another base")
     p.add_argument("--json", action="store_true")
-    _add_registry(p)
+    _add_serving(p)

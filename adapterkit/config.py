@@ -91,6 +91,7 @@ class OutputSection(Section):
     publish: str | None = None  # registry name to publish under after training
     registry: str | None = None  # registry root; default ./adapters or $ADAPTERKIT_REGISTRY
     overwrite: bool = False  # replace an output.dir that holds something other than this adapter
+    license: str | None = None  # the model card's license (default: the base's own card's, when it has one)
 
 
 class StageConfig(Section):

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from adapterkit import quant
-from adapterkit.artifact import atomic_dir, seal
+from adapterkit.artifact import atomic_dir, portable, seal
 from adapterkit.base import resolve_base
 from adapterkit.errors import AdapterkitError
 from adapterkit.registry import Registry
 from adapterkit.safety import check_output_dir
-from adapterkit.stack import DEFAULT_PROMPTS, LoadedStack, load_profile, logit_gap, prompt_logits
+from adapterkit.stack import LoadedStack, heldout_prompts, load_key, logit_gap, prompt_logits
 
 
 @torch.no_grad()
@@ -53,37 +53,52 @@ class ExportReport:
     max_logit_diff: float
     mean_logit_diff: float
     prompts: int
+    prompt_source: str = "generic prompts"  # where the measuring prompts came from
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def export_loaded(loaded: LoadedStack, out: str | Path, dtype: str = "float32",
-                  prompts: list | None = None, name: str | None = None) -> ExportReport:
-    """Save base + stack as a full model (safetensors) + tokenizer that
+                  prompts: list | None = None, name: str | None = None, prompt_source: str | None = None) -> ExportReport:
+    """Save base + stack as a full model (safetensors) + tokenizer + card that
     ``AutoModelForCausalLM.from_pretrained`` loads; measured against the stack first."""
+    from adapterkit.cards import export_card
     if dtype not in ("float32", "bfloat16"):
         raise AdapterkitError(f"export dtype {dtype!r}: choose float32 or bfloat16")
-    prompts = prompts or DEFAULT_PROMPTS
+    if prompts is None:
+        prompts, prompt_source = heldout_prompts(loaded.entries)
     stacked = prompt_logits(loaded.model, loaded.tokenizer, prompts, loaded.names)
     dense = dense_copy(loaded, quant.DTYPES[dtype])
     gap = logit_gap(stacked, prompt_logits(dense, loaded.tokenizer, prompts))
-    report = ExportReport(str(Path(out).resolve()), dtype, prompts=len(prompts), **gap)
+    report = ExportReport(str(Path(out).resolve()), dtype, prompts=len(prompts),
+                          prompt_source=prompt_source or "given prompts", **gap)
+    first = loaded.entries[0].manifest
+    manifest = {"kind": "export", "name": name, "stage": "export", "dtype": dtype, "base": first.get("base"),
+                "recipe": {"output": (first.get("recipe") or {}).get("output") or {}},
+                "sources": [{"ref": e.ref, "sha256": e.weights_sha256} for e in loaded.entries],
+                "report": {**report.to_dict(), "out": Path(out).name}}
     with atomic_dir(out) as tmp:
         dense.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        seal(tmp, {"kind": "export", "name": name, "stage": "export", "dtype": dtype, "base": loaded.entries[0].manifest.get("base"),
-                   "sources": [{"ref": e.ref, "sha256": e.weights_sha256} for e in loaded.entries],
-                   "report": report.to_dict()})
+        manifest = portable(manifest, Path(out).resolve())
+        (tmp / "README.md").write_text(export_card(manifest))
+        seal(tmp, manifest)
     return report
 
 
 def export_profile(name: str, out: str | Path, dtype: str = "float32", registry: Registry | None = None,
-                   force: bool = False, overwrite: bool = False) -> ExportReport:
-    """Export a profile as a full model at ``out``; an ``out`` holding anything but an earlier
-    export of this profile is refused (unless ``overwrite``) before anything loads."""
+                   force: bool = False, overwrite: bool = False, prompts_file: str | None = None,
+                   alone: bool = False) -> ExportReport:
+    """Export a profile (or an adapter ref with its parents; ``alone``: by itself) as a full model
+    at ``out``; an ``out`` holding anything but an earlier export of this profile is refused
+    (unless ``overwrite``) before anything loads."""
+    from adapterkit.profiles import resolve_key
+    registry = registry or Registry.open()
+    resolve_key(registry, name, alone)  # an unknown name or a missing parent fails before loading
     check_output_dir(out, name=name, stage="export", overwrite=overwrite, key="--out")
-    loaded, _ = load_profile(name, registry, force=force)
-    return export_loaded(loaded, out, dtype, name=name)
+    loaded, _, _ = load_key(name, registry, force=force, alone=alone)
+    prompts, source = heldout_prompts(loaded.entries, prompts_file)
+    return export_loaded(loaded, out, dtype, prompts=prompts, name=name, prompt_source=source)
 
 

@@ -8,7 +8,8 @@ adding a method is one function and one ``register`` line.
     save_merged(stack, report, "runs/merged", "legal-merged")
 
 Every merge measures itself against the stacked adapters (max and mean absolute logit
-difference on a few held-out prompts), so the user sees what it cost.
+difference), so the user sees what it cost; the prompts come from the adapters' own held-out
+data when recorded, or a file the user names (``stack.heldout_prompts``), and the report says which.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from adapterkit.base import trained_base
 from adapterkit.errors import AdapterkitError, CompatibilityError
 from adapterkit.registry import Registry
 from adapterkit.safety import check_output_dir
-from adapterkit.stack import DEFAULT_PROMPTS, LoadedStack, load_profile, logit_gap, prompt_logits
+from adapterkit.stack import LoadedStack, heldout_prompts, load_key, logit_gap, prompt_logits
 
 log = logging.getLogger("adapterkit")
 MIXED_RANKS = ("pad", "svd")
@@ -203,23 +204,27 @@ class MergeReport:
     prompts: int
     adapter: str  # its name in the loaded model
     out: str | None = None
+    prompt_source: str = "generic prompts"  # where the measuring prompts came from
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def merge_loaded(loaded: LoadedStack, spec: MergeSpec | None = None, out_name: str = "merged",
-                 prompts: list | None = None) -> MergeReport:
-    """Merge every loaded adapter into one new adapter ``out_name`` and measure it."""
+                 prompts: list | None = None, prompt_source: str | None = None) -> MergeReport:
+    """Merge every loaded adapter into one new adapter ``out_name`` and measure it on ``prompts``
+    (default: ``heldout_prompts`` of the loaded entries)."""
     spec = spec or MergeSpec()
     method = METHODS[spec.method]
-    prompts = prompts or DEFAULT_PROMPTS
+    if prompts is None:
+        prompts, prompt_source = heldout_prompts(loaded.entries)
     stacked = prompt_logits(loaded.model, loaded.tokenizer, prompts, loaded.names)
     note = method.merge(loaded.model, list(loaded.names), spec, out_name)
     merged = prompt_logits(loaded.model, loaded.tokenizer, prompts, [out_name])
     activate(loaded.model, loaded.names)
     report = MergeReport(spec.method, note, method.exact, loaded.model.peft_config[out_name].r,
-                         prompts=len(prompts), adapter=out_name, **logit_gap(stacked, merged))
+                         prompts=len(prompts), adapter=out_name, prompt_source=prompt_source or "given prompts",
+                         **logit_gap(stacked, merged))
     log.info("merge %s: max logit diff %.3g, mean %.3g (%s)", spec.method, report.max_logit_diff,
              report.mean_logit_diff, note)
     return report
@@ -231,7 +236,7 @@ def merged_manifest(loaded: LoadedStack, report: MergeReport, name: str, domain:
         "name": name, "version": None, "stage": "merge", "domain": domain or first.get("domain", "general"),
         "tags": ["merge", report.method], "base": first["base"],
         "chat_template_sha256": first.get("chat_template_sha256"), "parent": [],
-        "recipe": {"base": trained_base(first).model_dump(mode="json")},
+        "recipe": {"base": trained_base(first, loaded.entries[0].path).model_dump(mode="json")},
         "merge": {**report.to_dict(), "sources": [{"ref": e.ref, "sha256": e.weights_sha256}
                                                   for e in loaded.entries]},
         "metrics": {"max_logit_diff": report.max_logit_diff, "mean_logit_diff": report.mean_logit_diff},
@@ -252,17 +257,21 @@ def save_merged(loaded: LoadedStack, report: MergeReport, out: str | Path, name:
 
 def merge_profile(name: str, out: str | Path, method: str | None = None, registry: Registry | None = None,
                   spec: MergeSpec | None = None, force: bool = False, publish: str | None = None,
-                  overwrite: bool = False) -> MergeReport:
-    """Merge a profile's stack into one adapter saved at ``out`` (and published, if asked)."""
-    from adapterkit.profiles import get_profile
+                  overwrite: bool = False, prompts_file: str | None = None, alone: bool = False) -> MergeReport:
+    """Merge a profile's stack (or an adapter ref with its parents; ``alone``: by itself) into one
+    adapter saved at ``out`` (and published, if asked), measured on ``heldout_prompts``."""
+    from adapterkit.profiles import resolve_key
     registry = registry or Registry.open()
-    profile = get_profile(registry, name)
-    spec = replace(spec or MergeSpec(), method=method or profile.method)
-    adapter = publish or f"{name}-{spec.method}"
+    _, profile, _ = resolve_key(registry, name, alone)  # an unknown name or missing parent fails before loading
+    spec = replace(spec or MergeSpec(), method=method or (profile.method if profile else "cat"))
+    adapter = publish or f"{name.replace('@', '-')}-{spec.method}"
     check_output_dir(out, name=adapter, stage="merge", overwrite=overwrite, key="--out")  # before loading
-    loaded, profile = load_profile(name, registry, force=force)
-    report = merge_loaded(loaded, spec)
-    path = save_merged(loaded, report, out, adapter, profile.domain)
+    loaded, profile, _ = load_key(name, registry, force=force, alone=alone)
+    prompts, source = heldout_prompts(loaded.entries, prompts_file)
+    report = merge_loaded(loaded, spec, prompts=prompts, prompt_source=source)
+    domain = profile.domain if profile else loaded.entries[-1].domain
+    path = save_merged(loaded, report, out, adapter, domain)
     if publish:
-        registry.publish(path, name=publish, domain=profile.domain, tags=["merge"])
+        registry.publish(path, name=publish, domain=domain, tags=["merge"])
     return report
+

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adapterkit.artifact import MANIFEST, model_card, read_manifest, sha256_file, verify_files
+from adapterkit.artifact import MANIFEST, read_manifest, rebase, sha256_file, verify_files
 from adapterkit.errors import AdapterkitError, IntegrityError, RegistryError
 from adapterkit.refs import parse_ref, validate_name
 from adapterkit.safety import member
@@ -212,11 +212,15 @@ class Registry:
     # -- publish -------------------------------------------------------------------------
 
     def publish(self, adapter_dir: str | os.PathLike, name: str | None = None, domain: str | None = None,
-                tags: list[str] = ()) -> Entry:
-        """Copy a trained adapter directory in as ``name``'s next version; returns the entry."""
+                tags: list[str] = (), parents: list[str] | None = None) -> Entry:
+        """Copy a trained adapter directory in as ``name``'s next version; returns the entry. Its
+        parents are resolved here, once (``lineage.resolve_parents``; ``parents``: the user's refs)."""
+        from adapterkit.lineage import resolve_parents
         src = Path(adapter_dir)
         manifest = read_manifest(src)
         name = validate_name(name if name is not None else manifest.get("name") or src.name)
+        domain = domain or manifest.get("domain") or "general"
+        resolved = resolve_parents(self, manifest, domain, parents, src)
         if not (src / "adapter_config.json").is_file():
             raise RegistryError(f"{src}: not an adapter directory (no adapter_config.json)")
         if not (src / WEIGHTS).is_file() or WEIGHTS not in manifest.get("files", {}):
@@ -232,7 +236,7 @@ class Registry:
             _pause("copied")
             with self.transaction() as db:
                 version = self._next_version(db, name)
-                manifest = self._stamp(tmp, manifest, name, version, domain, tags, src)
+                manifest = self._stamp(tmp, {**manifest, "parent": resolved}, name, version, domain, tags, src)
                 final = self.root / name / str(version)
                 final.parent.mkdir(exist_ok=True)
                 os.replace(tmp, final)
@@ -272,17 +276,18 @@ class Registry:
             shutil.rmtree(stale)
         return version
 
-    def _stamp(self, tmp: Path, manifest: dict, name: str, version: int, domain: str | None,
+    def _stamp(self, tmp: Path, manifest: dict, name: str, version: int, domain: str,
                tags, src: Path) -> dict:
-        """Write the registry's name/version/domain into the copy's manifest and card."""
-        manifest = {**manifest, "name": name, "version": version,
-                    "domain": domain or manifest.get("domain") or "general",
-                    "tags": list(dict.fromkeys([*manifest.get("tags", []), *tags])),
-                    "published_at": now(),
-                    "published_from": {"path": str(src.resolve()), "name": manifest.get("name")}}
+        """Write the registry's name/version/domain into the copy's manifest and card; paths
+        recorded relative to ``src`` are made relative to the entry's folder."""
+        from adapterkit.cards import model_card
+        final = self.root / name / str(version)
+        manifest = {**rebase(manifest, src, final), "name": name, "version": version, "domain": domain,
+                    "tags": list(dict.fromkeys([*manifest.get("tags", []), *tags])), "published_at": now(),
+                    "published_from": {"path": os.path.relpath(src.resolve(), final), "name": manifest.get("name")}}
         files = dict(manifest.get("files", {}))
         if "README.md" in files:
-            (tmp / "README.md").write_text(model_card(manifest))
+            (tmp / "README.md").write_text(model_card(manifest, list(files)))
             files["README.md"] = sha256_file(tmp / "README.md")
         manifest["files"] = files
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -333,17 +338,11 @@ class Registry:
                              (name, version or versions[-1])).fetchone()
         return self._entry(row)
 
-    def find_parent(self, record: dict) -> Entry | None:
-        """The entry a manifest's parent record names: by weights sha256, then by name@version."""
+    def by_sha(self, sha256: str | None) -> list[Entry]:
+        """Entries whose weights have this sha256, oldest first (lineage resolves among them)."""
         with self.connect() as db:
-            row = None
-            if record.get("sha256"):
-                row = db.execute("SELECT * FROM entries WHERE weights_sha256 = ? ORDER BY version LIMIT 1",
-                                 (record["sha256"],)).fetchone()
-            if row is None and record.get("name") and record.get("version"):
-                row = db.execute("SELECT * FROM entries WHERE name = ? AND version = ?",
-                                 (record["name"], record["version"])).fetchone()
-        return self._entry(row) if row is not None else None
+            return [self._entry(r) for r in db.execute(
+                "SELECT * FROM entries WHERE weights_sha256 = ? ORDER BY name, version", (sha256 or "",))]
 
     def path(self, ref: str, verify: bool = True) -> Path:
         """The entry's directory, its files checked against their sha256 first."""

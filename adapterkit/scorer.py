@@ -95,7 +95,7 @@ class RewardScorer:
         with the adapter on it. ``adapter``: a directory or a registry reference. The adapter is
         verified and the base's weights checked against its fingerprint before the base loads."""
         adapter_dir, manifest = checked_adapter(adapter, REWARD_STAGES, "reward model", registry)
-        section = trained_base(manifest)
+        section = trained_base(manifest, adapter_dir)
         check_base_on_disk(section, manifest["base"].get("fingerprint"), str(adapter))
         model, tokenizer = load_model(section, device), load_tokenizer(section)
         parent_record(adapter_dir, fingerprint(model, tokenizer), REWARD_STAGES, "reward model")

@@ -15,8 +15,8 @@ from adapterkit.config import BaseSection
 from adapterkit.errors import AdapterkitError
 from adapterkit.evaluate import generate
 from adapterkit.merge import METHODS, MergeSpec
-from adapterkit.profiles import get_profile, profile_entries
-from adapterkit.registry import Registry, RegistryError
+from adapterkit.profiles import resolve_key
+from adapterkit.registry import Registry
 from adapterkit.stack import LoadedStack, add_entries, load_base_for
 from adapterkit.tokens import as_chat
 
@@ -31,22 +31,22 @@ class Server:
     reproduces (the exported model itself loads with transformers, outside this server)."""
 
     def __init__(self, registry: Registry | None = None, base: BaseSection | None = None,
-                 force: bool = False, device: str | None = None):
+                 force: bool = False, device: str | None = None, alone: bool = False):
         self.registry = registry or Registry.open()
-        self.base, self.force, self.device = base, force, device
+        self.base, self.force, self.device, self.alone = base, force, device, alone
+        self.notes: list[str] = []  # what differs from the recorded stack (``--alone``, gaps)
         self.loaded: LoadedStack | None = None
         self.stacks: dict[str, list[str]] = {}  # key -> adapter names served alone
         self.single: dict[str, str] = {}  # key -> one adapter name for mixed batches
 
     def add(self, key: str) -> list[str]:
-        """Load a profile (or, when no profile has that name, an adapter ref)."""
+        """Load a profile (or, when no profile has that name, an adapter ref with the parents it
+        was trained on; with ``alone``, the adapter by itself)."""
         if key in self.stacks:
             return self.stacks[key]
-        try:
-            profile = get_profile(self.registry, key)
-        except RegistryError:
-            profile = None
-        entries = profile_entries(self.registry, key) if profile else [self.registry.get(key)]
+        refs, profile, notes = resolve_key(self.registry, key, self.alone)
+        self.notes += notes
+        entries = [self.registry.get(r) for r in refs]
         if self.loaded is None:
             self.loaded = load_base_for(entries[0], self.base, self.device, self.force)
         names = add_entries(self.loaded, self.registry, entries, self.force)
@@ -97,6 +97,7 @@ class Server:
 
 
 def serve_profile(profile: str, prompts: list, registry: Registry | None = None, max_new_tokens: int = 16,
-                  force: bool = False) -> list[str]:
-    """Greedy answers to ``prompts`` from one profile (or adapter ref)."""
-    return Server(registry, force=force).generate(prompts, [profile] * len(prompts), max_new_tokens)
+                  force: bool = False, alone: bool = False) -> list[str]:
+    """Greedy answers to ``prompts`` from one profile (or adapter ref, with its parents unless
+    ``alone``)."""
+    return Server(registry, force=force, alone=alone).generate(prompts, [profile] * len(prompts), max_new_tokens)

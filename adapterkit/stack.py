@@ -112,7 +112,7 @@ def load_base_for(entry: Entry, base: BaseSection | None = None, device: str | N
     """The base ``entry`` was trained on (or ``base``), in eval mode; ``load_model`` already made
     its 4-bit layers compute like training's (see ``quant.keep_compute_dtype``). A local base
     whose weights are not the entry's base is refused before it loads (unless ``force``)."""
-    section = base or trained_base(entry.manifest)
+    section = base or trained_base(entry.manifest, entry.path)
     if not force:
         check_base_on_disk(section, (entry.manifest.get("base") or {}).get("fingerprint"), entry.ref)
     model, tokenizer = load_model(section, device), load_tokenizer(section)
@@ -154,13 +154,25 @@ def load_stack(refs: list[str], registry: Registry | None = None, base: BaseSect
     return loaded
 
 
+def load_key(key: str, registry: Registry | None = None, base: BaseSection | None = None, force: bool = False,
+             device: str | None = None, alone: bool = False) -> tuple[LoadedStack, Profile | None, list[str]]:
+    """A profile's pinned stack, or an adapter ref with the parents it was trained on
+    (``profiles.resolve_key``: the one way a served stack is built); (stack, profile, notes)."""
+    from adapterkit.profiles import resolve_key
+    registry = registry or Registry.open()
+    refs, profile, notes = resolve_key(registry, key, alone)  # a missing layer or parent fails here, named
+    for note in notes:
+        log.warning(note)
+    return load_stack(refs, registry, base, force, device), profile, notes
+
+
 def load_profile(name: str, registry: Registry | None = None, base: BaseSection | None = None,
                  force: bool = False, device: str | None = None) -> tuple[LoadedStack, Profile]:
-    from adapterkit.profiles import get_profile, profile_entries
+    from adapterkit.profiles import get_profile
     registry = registry or Registry.open()
-    profile = get_profile(registry, name)
-    profile_entries(registry, name)  # a removed adapter fails here, named with the profile
-    return load_stack(profile.stack, registry, base, force, device), profile
+    get_profile(registry, name)
+    loaded, profile, _ = load_key(name, registry, base, force, device)
+    return loaded, profile
 
 
 # -- logits, and what a merge or an export costs --------------------------------------------
@@ -176,6 +188,54 @@ def prompt_logits(model, tokenizer, prompts: list, adapters: list[str] | None = 
         ids = torch.tensor([prompt_ids(tokenizer, as_chat(tokenizer, p))], device=device)  # (1, T)
         out.append(model(input_ids=ids).logits[0].float().cpu())  # (T, V)
     return out
+
+
+PROMPT_KEYS = (("data", "eval"), ("dpo", "prompts"), ("ppo", "prompts"))  # recipe keys of held-out data
+
+
+def row_prompt(row: dict):
+    """The prompt of a data row: ``prompt``, or a chat without its last assistant turn."""
+    if "prompt" in row:
+        return row["prompt"]
+    messages = row.get("messages")
+    if isinstance(messages, list) and len(messages) > 1 and messages[-1].get("role") == "assistant":
+        return messages[:-1]
+    return None
+
+
+def read_prompts(source: str, n: int) -> list:
+    from adapterkit.data import FORMATS, load_data
+    rows = load_data(source, fmt="auto", allowed=tuple(FORMATS)).rows
+    prompts = [p for p in map(row_prompt, rows) if p is not None]
+    return [p for i, p in enumerate(prompts) if p not in prompts[:i]][:n]
+
+
+def heldout_prompts(entries: list[Entry], prompts_file: str | None = None, n: int = 8) -> tuple[list, str]:
+    """(prompts, where they came from) to measure a merge or an export on: a file the user
+    names, else the held-out data the top-most adapter recorded (``data.eval``, ``dpo.prompts``),
+    else ``DEFAULT_PROMPTS`` - and the source says which."""
+    from adapterkit.artifact import recorded_path
+    if prompts_file:
+        return read_prompts(prompts_file, n) or _no_prompts(prompts_file), f"prompts from {prompts_file}"
+    for entry in reversed(entries):
+        recipe = entry.manifest.get("recipe") or {}
+        for section, key in PROMPT_KEYS:
+            value = (recipe.get(section) or {}).get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            try:
+                prompts = read_prompts(recorded_path(entry.path, value), n)
+            except AdapterkitError as err:
+                log.warning("%s: its held-out data %s cannot be read (%s)", entry.ref, value, err)
+                continue
+            if prompts:
+                return prompts, f"held-out prompts from {entry.ref}'s {section}.{key} ({value})"
+    return DEFAULT_PROMPTS, "generic prompts (no held-out data recorded; --prompts FILE names some)"
+
+
+def _no_prompts(source: str):
+    raise AdapterkitError(f"{source}: no prompts in it (rows need a 'prompt', or 'messages' ending "
+                          "with an assistant turn)")
 
 
 def logit_gap(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[str, float]:

@@ -129,7 +129,8 @@ def test_saved_dir_holds_only_the_new_adapter(trained, sft_adapter):
     assert keys and all(".lora_" in k and "parent" not in k and ".default." not in k for k in keys)
     assert len(keys) == len(load_file(str(sft_adapter.path / "adapter_model.safetensors")))
     (parent,) = record.manifest["parent"]
-    assert parent["path"] == str(sft_adapter.path.resolve())
+    assert (record.path / parent["path"]).resolve() == sft_adapter.path.resolve()  # relative: no absolute paths
+    assert str(record.path.parent) not in (record.path / "adapterkit.json").read_text()
     assert parent["sha256"] == sha256_file(sft_adapter.path / "adapter_model.safetensors")
     assert parent["base_fingerprint"] == record.manifest["base"]["fingerprint"]["id"]
     assert record.manifest["dpo"]["mode"] == "new"

@@ -154,8 +154,8 @@ def test_saved_dir_is_a_plain_policy_adapter(trained, sft_adapter, reward_adapte
     keys = list(load_file(str(record.path / "adapter_model.safetensors")))
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     assert not any(name in k for k in keys for name in ("parent0", "policy", "value", "reward", "score"))
-    assert {p["path"] for p in record.manifest["parent"]} == {str(sft_adapter.path.resolve())}
-    assert record.manifest["reward_model"]["path"] == str(reward_adapter.path.resolve())
+    assert {(record.path / p["path"]).resolve() for p in record.manifest["parent"]} == {sft_adapter.path.resolve()}
+    assert (record.path / record.manifest["reward_model"]["path"]).resolve() == reward_adapter.path.resolve()
     assert not list(record.path.glob("*.bin")) and not list(record.path.glob("*.pt"))
 
 

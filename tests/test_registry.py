@@ -130,8 +130,10 @@ def test_lineage_tree(reg, tmp_path):
     assert [p["ref"] for p in tree["parents"]] == ["legal-sft@1", None]
     text = "\n".join(tree_lines(tree))
     assert "├── legal-sft@1  [sft, legal, base base0000]" in text
-    assert "└── lost (not in the registry: /gone)" in text
-    assert serving_stack(reg, dpo.ref) == ["legal-sft@1", "legal-dpo@1"]
+    assert "└── lost (not in the registry: ../" in text  # paths are relative to the entry, never absolute
+    assert str(tmp_path) not in (dpo.path / MANIFEST).read_text()
+    with pytest.raises(RegistryError, match=r"legal-dpo@1 was trained on top of lost .*not in the registry.*--alone"):
+        serving_stack(reg, dpo.ref)
 
 
 def test_remove_and_gc(reg, src):
@@ -154,7 +156,7 @@ def test_profiles(reg, tmp_path):
     reg.publish(fake_adapter(tmp_path / "a"), name="legal-sft")
     reg.publish(fake_adapter(tmp_path / "b", payload=b"b", stage="dpo"), name="legal-dpo")
     p = set_profile(reg, "legal", ["legal-sft@1", "legal-dpo"])
-    assert (p.domain, p.mode, p.stack) == ("legal", "stack", ["legal-sft@1", "legal-dpo"])
+    assert (p.domain, p.mode, p.stack) == ("legal", "stack", ["legal-sft@1", "legal-dpo@1"])  # pinned
     assert [e.ref for e in profile_entries(reg, "legal")] == ["legal-sft@1", "legal-dpo@1"]
     assert [q.name for q in list_profiles(reg)] == ["legal"] and profiles_using(reg, "legal-dpo") == ["legal"]
     with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-rm', which is not in the registry"):
@@ -162,7 +164,7 @@ def test_profiles(reg, tmp_path):
     with pytest.raises(RegistryError, match="mode 'fold' is not one of stack, merge, export"):
         set_profile(reg, "legal", ["legal-sft"], mode="fold")
     reg.remove("legal-dpo@1")  # the profile now names a missing adapter: using it says so
-    with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-dpo', which is not in the registry"):
+    with pytest.raises(RegistryError, match=r"profile 'legal' names 'legal-dpo@1', which is not in the registry"):
         profile_entries(reg, "legal")
     with pytest.raises(RegistryError, match=r"no profile named 'nope' .*profiles: legal"):
         get_profile(reg, "nope")
@@ -173,7 +175,7 @@ def test_profile_refuses_mixed_bases(reg, tmp_path):
     reg.publish(fake_adapter(tmp_path / "b", base=dict(BASE, fingerprint={"id": "other"})), name="b")
     with pytest.raises(CompatibilityError, match="trained on different bases .*a@1 on base0000, b@1 on other"):
         set_profile(reg, "mixed", ["a", "b"])
-    assert set_profile(reg, "mixed", ["a", "b"], force=True).stack == ["a", "b"]
+    assert set_profile(reg, "mixed", ["a", "b"], force=True).stack == ["a@1", "b@1"]
 
 
 # -- crash safety and concurrency, in real processes ------------------------------------------
