@@ -84,6 +84,11 @@ def recorded_path(folder: Path, value: str) -> str:
     return value
 
 
+def portable_json(path: Path, folder: Path) -> None:
+    if path.is_file():
+        path.write_text(json.dumps(portable(json.loads(path.read_text()), folder), indent=2))
+
+
 def portable_yaml(path: Path, folder: Path) -> None:
     """Rewrite a YAML recipe in place with ``portable`` paths (config.yaml beside an adapter)."""
     import yaml
@@ -100,6 +105,7 @@ def write_artifact(out_dir: str | os.PathLike, write_files: Callable[[Path], Non
     with atomic_dir(out_dir) as tmp:
         write_files(tmp)
         portable_yaml(tmp / "config.yaml", folder)
+        portable_json(tmp / "adapter_config.json", folder)  # peft writes the base's absolute path
         manifest = {**portable(manifest, folder), "libraries": library_versions(),
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         (tmp / "README.md").write_text(model_card(manifest, [p.name for p in tmp.iterdir()]))

@@ -63,7 +63,7 @@ def export_loaded(loaded: LoadedStack, out: str | Path, dtype: str = "float32",
                   prompts: list | None = None, name: str | None = None, prompt_source: str | None = None) -> ExportReport:
     """Save base + stack as a full model (safetensors) + tokenizer + card that
     ``AutoModelForCausalLM.from_pretrained`` loads; measured against the stack first."""
-    from adapterkit.cards import export_card
+    from adapterkit.cards import card_license, export_card
     if dtype not in ("float32", "bfloat16"):
         raise AdapterkitError(f"export dtype {dtype!r}: choose float32 or bfloat16")
     if prompts is None:
@@ -75,7 +75,7 @@ def export_loaded(loaded: LoadedStack, out: str | Path, dtype: str = "float32",
                           prompt_source=prompt_source or "given prompts", **gap)
     first = loaded.entries[0].manifest
     manifest = {"kind": "export", "name": name, "stage": "export", "dtype": dtype, "base": first.get("base"),
-                "recipe": {"output": (first.get("recipe") or {}).get("output") or {}},
+                "recipe": {"output": {"license": card_license(first)}},
                 "sources": [{"ref": e.ref, "sha256": e.weights_sha256} for e in loaded.entries],
                 "report": {**report.to_dict(), "out": Path(out).name}}
     with atomic_dir(out) as tmp:

@@ -23,6 +23,7 @@ import torch
 from adapterkit.adapters import activate, save_adapter
 from adapterkit.artifact import write_artifact
 from adapterkit.base import trained_base
+from adapterkit.cards import card_license
 from adapterkit.errors import AdapterkitError, CompatibilityError
 from adapterkit.registry import Registry
 from adapterkit.safety import check_output_dir
@@ -236,7 +237,8 @@ def merged_manifest(loaded: LoadedStack, report: MergeReport, name: str, domain:
         "name": name, "version": None, "stage": "merge", "domain": domain or first.get("domain", "general"),
         "tags": ["merge", report.method], "base": first["base"],
         "chat_template_sha256": first.get("chat_template_sha256"), "parent": [],
-        "recipe": {"base": trained_base(first, loaded.entries[0].path).model_dump(mode="json")},
+        "recipe": {"base": trained_base(first, loaded.entries[0].path).model_dump(mode="json"),
+                   "output": {"license": card_license(first)}},
         "merge": {**report.to_dict(), "sources": [{"ref": e.ref, "sha256": e.weights_sha256}
                                                   for e in loaded.entries]},
         "metrics": {"max_logit_diff": report.max_logit_diff, "mean_logit_diff": report.mean_logit_diff},
