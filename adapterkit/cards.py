@@ -165,8 +165,8 @@ def quantization_note(manifest: dict) -> str:
             f"`{base.get('compute_dtype')}` - to reproduce the training numbers: the adapter learned on "
             "the quantized weights, and on an unquantized base its outputs move (a tiny reward model's "
             "scores by up to 1.7). On a CPU with AVX512-BF16, bitsandbytes 0.50 computes 4-bit layers in "
-            "bf16 once in eval mode (about 1e-2 off); `adapterkit.quant.keep_compute_dtype(model)` "
-            "switches that off.")
+            "bf16 once in eval mode (about 1e-2 off); `adapterkit.quant.keep_compute_dtype(model)`, "
+            "called before the first forward, switches that off.")
 
 
 # -- the card ------------------------------------------------------------------------------------
@@ -194,8 +194,8 @@ def model_card(manifest: dict, files: list[str]) -> str:
     else:
         under = " + ".join(label for label, _ in layers[:-1])
         what = (f"A LoRA adapter made by adapterkit's **{stage}** stage. "
-                + (f"It was trained on top of {under}, and only answers as trained with them "
-                   "under it: the snippet loads the whole stack." if under else "It sits directly on the base."))
+                + (f"It was trained on top of {under}, and only answers as trained with "
+                   "those layers under it: the snippet loads the whole stack." if under else "It sits directly on the base."))
     extra = ["The recipe it was trained with is in `config.yaml`."] if "config.yaml" in files else []
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                         for k, v in manifest.get("metrics", {}).items())

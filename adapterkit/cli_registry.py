@@ -253,10 +253,10 @@ def _run_generate(args) -> None:
     from adapterkit.profiles import resolve_key
     reg = _open_registry(args)
     refs, _, notes = resolve_key(reg, key, args.alone)
-    print(f"serving {' + '.join(refs)}", file=sys.stderr)
+    answers = serve_profile(key, args.prompts, reg, args.max_new_tokens, force=args.force, alone=args.alone)
+    print(f"served by {' + '.join(refs)}", file=sys.stderr)  # after: a refusal stays one line
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    answers = serve_profile(key, args.prompts, reg, args.max_new_tokens, force=args.force, alone=args.alone)
     if args.json:
         print_json([{"prompt": p, "response": r} for p, r in zip(args.prompts, answers)])
         return

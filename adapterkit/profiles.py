@@ -99,8 +99,12 @@ def resolve_key(registry: Registry, key: str, alone: bool = False) -> tuple[list
     (``alone``: the adapter by itself, which the notes say)."""
     try:
         profile = get_profile(registry, key)
-    except RegistryError:
+    except RegistryError as no_profile:
         profile = None
+        try:
+            registry.get(key)
+        except RegistryError as err:
+            raise RegistryError(f"{no_profile}; {err}") from None
     if profile is not None:
         entries = profile_entries(registry, key)
         return [e.ref for e in entries], profile, stack_gaps(registry, entries)

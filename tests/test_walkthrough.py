@@ -70,7 +70,7 @@ def test_served_adapters_bring_their_parents(walked):
     assert get_profile(reg, "legal").stack == ["legal-sft@1", "legal-dpo@1"]
     assert get_profile(reg, "medical").stack == ["med-sft@1", "med-ppo@1"]
     out, err = output(results, "generate flip: hot up --adapter legal-dpo")
-    assert "serving legal-sft@1 + legal-dpo@1" in err
+    assert "served by legal-sft@1 + legal-dpo@1" in err
     assert out == output(results, "generate flip: hot up --profile legal")[0]  # the same stack, the same answer
     out, _ = output(results, "registry show med-ppo")
     assert "└── med-sft@1" in out and "legal-sft" not in out  # lineage by identity, not by hash
