@@ -80,7 +80,23 @@ class TrainSection(Section):
     padding_free: bool = False
     seed: int = 0
     logging_steps: int = Field(5, gt=0)
-    progress: bool = True
+    progress: bool = True  # one progress bar per stage (loss, reward, KL); false: silent
+    # Evaluation on data.eval every N optimizer steps (PPO: every N PPO steps, as ppo.eval_every);
+    # 0: SFT once per epoch, reward and DPO once at the end
+    eval_steps: int = Field(0, ge=0)
+    # Checkpoints every N optimizer steps (PPO: PPO steps); 0: none. They go to checkpoint_dir
+    # (default <output.dir>.checkpoint), one checkpoint-<step> folder each, weights as safetensors
+    save_steps: int = Field(0, ge=0)
+    save_total_limit: int = Field(2, gt=0)  # checkpoints kept: the last N
+    checkpoint_dir: str | None = None  # default: <output.dir>.checkpoint (a sibling of the adapter)
+    # Resume from a checkpoint: a checkpoint-<step> folder, a checkpoint_dir (its newest), or
+    # "latest" (the newest in checkpoint_dir). Same seed and data: the same adapter as a run that
+    # was never stopped
+    resume_from: str | None = None
+    # Experiment trackers, as transformers' report_to: none, tensorboard, wandb, mlflow, ... (a
+    # list for several); PPO logs to the same ones through accelerate
+    report_to: str | list[str] = "none"
+    logging_dir: str | None = None  # trackers' local folder; default: <output.dir>.logs
 
 
 class OutputSection(Section):
@@ -102,6 +118,22 @@ class StageConfig(Section):
     lora: LoraSection = LoraSection()
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go: ``train.checkpoint_dir``, else ``<output.dir>.checkpoint``."""
+        return Path(self.train.checkpoint_dir or f"{Path(self.output.dir)}.checkpoint").expanduser()
+
+    @property
+    def logging_dir(self) -> Path:
+        """The trackers' local folder: ``train.logging_dir``, else ``<output.dir>.logs``."""
+        return Path(self.train.logging_dir or f"{Path(self.output.dir)}.logs").expanduser()
+
+    @property
+    def trackers(self) -> list[str]:
+        """``train.report_to`` as a list, without ``none``."""
+        value = self.train.report_to
+        return [t for t in ([value] if isinstance(value, str) else value) if t != "none"]
 
 
 class SFTConfig(StageConfig):
@@ -195,12 +227,14 @@ class PPOSection(Section):
     # Held-out evaluation every N PPO steps (0: only at the end): the greedy responses to the
     # data.eval prompts, scored by ``scorer`` when set, else by the reward. It draws the
     # held-out curve in ppo.png, and guards against over-optimising a reward model:
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0)  # train.eval_steps is the same setting
     keep_best: bool = False  # save the policy from the best evaluation (step 0 = the parent)
     patience: int = Field(0, ge=0)  # stop after this many evaluations without a new best; 0: never
-    checkpoint_every: int = Field(0, ge=0)  # PPO steps between checkpoints; 0: none
-    checkpoint_dir: str | None = None  # default: <output.dir>.checkpoint
-    resume_from: str | None = None  # a checkpoint dir written by checkpoint_every
+    # Checkpoints: train.save_steps, train.checkpoint_dir and train.resume_from, as every stage
+    # (ppo.checkpoint_every, ppo.checkpoint_dir and ppo.resume_from are read as those)
+
+
+PPO_ALIASES = {"checkpoint_every": "save_steps", "checkpoint_dir": "checkpoint_dir", "resume_from": "resume_from"}
 
 
 @register_stage_config
@@ -210,8 +244,31 @@ class PPOConfig(StageConfig):
     stage: Literal["ppo"] = "ppo"
     ppo: PPOSection = PPOSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, raw: Any) -> Any:
+        """The checkpoint keys PPO had before every stage checkpointed: ``ppo.checkpoint_every``
+        is ``train.save_steps``, ``ppo.checkpoint_dir`` and ``ppo.resume_from`` the train keys."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("ppo"), dict):
+            return raw
+        ppo = dict(raw["ppo"])
+        moved = {old: ppo.pop(old) for old in PPO_ALIASES if old in ppo}
+        if not moved:
+            return raw
+        train = dict(raw.get("train") or {})
+        for old, value in moved.items():
+            key = PPO_ALIASES[old]
+            if train.get(key) not in (None, 0, value):
+                raise ValueError(f"train.{key} and its alias ppo.{old}: different values; set one")
+            train[key] = value
+        return {**raw, "ppo": ppo, "train": train}
+
     @model_validator(mode="after")
     def _batches(self) -> "PPOConfig":
+        if self.train.eval_steps and not self.ppo.eval_every:
+            self.ppo.eval_every = self.train.eval_steps
+        elif self.train.eval_steps not in (0, self.ppo.eval_every):
+            raise ValueError("train.eval_steps and ppo.eval_every: different values; set one")
         if self.ppo.reward is None:
             raise ValueError("ppo.reward: required (a reward adapter directory, or module:function)")
         if self.ppo.value_init == "reward" and rewards.is_function_ref(self.ppo.reward):

@@ -50,8 +50,34 @@ def check_adapters(config: StageConfig) -> None:
         rewards.load_function(reward)  # a reward function that does not import fails now
 
 
+# train.report_to -> the module it needs (transformers' integrations import these)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                   "trackio": ("trackio",), "swanlab": ("swanlab",)}
+
+
+def check_training(config: StageConfig) -> None:
+    """Checkpoints, resume and trackers: the checkpoint folder is a folder, ``train.resume_from``
+    names a checkpoint that exists, every ``train.report_to`` tracker is installed."""
+    from importlib.util import find_spec
+    from adapterkit.checkpoints import resolve_resume
+    from adapterkit.errors import ConfigError
+    ckpt = config.checkpoint_dir
+    if config.train.save_steps and ckpt.exists() and not ckpt.is_dir():
+        raise ConfigError(f"train.checkpoint_dir {ckpt}: exists and is not a folder")
+    resolve_resume(config.train.resume_from, ckpt)
+    for tracker in (t for t in config.trackers if t != "all"):
+        modules = TRACKER_MODULES.get(tracker)
+        if modules is None:
+            raise ConfigError(f"train.report_to={tracker}: unknown tracker (known: none, "
+                              f"{', '.join(TRACKER_MODULES)}, all)")
+        if not any(find_spec(m) for m in modules):
+            raise ConfigError(f"train.report_to={tracker}: needs `pip install {modules[0]}`")
+
+
 def preflight(config: StageConfig) -> None:
     """Everything a stage can check before loading a model, in order of cost."""
     check_output(config)
+    check_training(config)
     check_adapters(config)
     check_data(config)
