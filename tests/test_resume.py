@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, event_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 4
@@ -106,3 +106,25 @@ def test_checkpoints_rotate_and_resume_from_names_a_folder(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.resume_from"):  # before any model loads
         from adapterkit.preflight import preflight
         preflight(load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'other'}", "train.resume_from=latest"]))
+
+
+# -- tracking ------------------------------------------------------------------------------------
+
+def test_report_to_tensorboard_logs_the_trainer_stages(tiny_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from adapterkit.config import load_config
+    from adapterkit.stages.sft import train_sft
+    out = tmp_path / "sft"
+    train_sft(load_config("sft", "tiny_sft", [f"output.dir={out}", "train.max_steps=4", "train.logging_steps=1",
+                                              "train.eval_steps=2", "train.report_to=tensorboard",
+                                              "train.progress=false"]))
+    tags = event_tags(Path(f"{out}.logs"))  # beside the adapter, not in the scratch folder
+    assert {"train/loss", "eval/loss"} <= tags
+
+
+def test_report_to_is_checked_before_the_model_loads(tmp_path):
+    from adapterkit.config import load_config
+    from adapterkit.errors import ConfigError
+    from adapterkit.preflight import preflight
+    with pytest.raises(ConfigError, match="train.report_to=nosuch: unknown tracker"):
+        preflight(load_config("sft", "tiny_sft", [f"output.dir={tmp_path / 'x'}", "train.report_to=nosuch"]))
