@@ -349,7 +349,14 @@ def build_config(stage: str, raw: dict[str, Any], source: str = "<config>") -> S
 
 def load_config(stage: str, recipe: str | os.PathLike | None = None,
                 overrides: list[str] = ()) -> StageConfig:
-    """Read a recipe (or start from defaults), apply overrides, validate."""
+    """Read a recipe (or start from defaults), apply overrides, validate: the config a stage
+    trains from. Unknown keys and impossible values raise ``ConfigError`` naming the key.
+
+    Example::
+
+        config = load_config("sft", "tiny_sft", ["lora.r=16", "train.learning_rate=1e-4"])
+        config = load_config("dpo", "my_recipe.yaml", ["dpo.parent=[runs/sft]"])
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if recipe is not None:
