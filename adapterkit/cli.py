@@ -217,7 +217,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import warnings
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()

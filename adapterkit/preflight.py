@@ -6,6 +6,8 @@ save, or that saving would destroy the user's folder.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from adapterkit import rewards
 from adapterkit.config import StageConfig
 from adapterkit.safety import check_output_dir
@@ -75,9 +77,44 @@ def check_training(config: StageConfig) -> None:
             raise ConfigError(f"train.report_to={tracker}: needs `pip install {modules[0]}`")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (``HF_ENDPOINT``), a few seconds at most."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_base(config: StageConfig) -> None:
+    """A hub base that is not in the local cache needs the hub: offline (``HF_HUB_OFFLINE``) or
+    unreachable, that is one line now, not a minute of retries and a traceback at load time."""
+    from adapterkit.base import resolve_base
+    from adapterkit.data import offline
+    from adapterkit.errors import AdapterkitError
+    b = config.base
+    source = resolve_base(b.name)
+    if Path(source).is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(source, "config.json", revision=b.revision), str):
+        return  # cached: transformers reads it from there
+    why = ("the hub is offline (HF_HUB_OFFLINE)" if offline()
+           else "the hub cannot be reached" if not hub_reachable() else None)
+    if why:
+        raise AdapterkitError(f"base.name={b.name}: a hub model that is not in the local cache, and {why}; "
+                              "download it once while online, or give a local folder")
+
+
 def preflight(config: StageConfig) -> None:
     """Everything a stage can check before loading a model, in order of cost."""
     check_output(config)
     check_training(config)
+    check_base(config)
     check_adapters(config)
     check_data(config)

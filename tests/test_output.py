@@ -81,3 +81,17 @@ def test_seconds_per_step_is_not_a_dict(tmp_path, capsys, monkeypatch):
     assert main(["quickstart", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "time per step: base 0 s" in out and "{" not in out.split("time per step")[1]
+
+
+def test_hub_base_offline_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys):
+    import adapterkit.preflight as preflight
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["sft", "tiny_sft", "base.name=nosuch-org/nosuch-model", f"output.dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "base.name=nosuch-org/nosuch-model: a hub model that is not in the local cache, and the hub is offline" in err
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)  # online by the flags, but no network: no minute of retries
+    monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: False)
+    assert main(["sft", "tiny_sft", "base.name=nosuch-org/nosuch-model", f"output.dir={tmp_path / 'x'}"]) == 2
+    assert "the hub cannot be reached" in capsys.readouterr().err
