@@ -133,15 +133,23 @@ def _score_args(p):
 
 
 def _run_recipes(args) -> None:
-    from adapterkit.config import recipe_path, shipped_recipes
+    from adapterkit.config import STAGE_CONFIGS, explain, recipe_path, shipped_recipes
+    if args.explain:
+        for stage in ([args.explain] if args.explain != "all" else STAGE_CONFIGS):
+            if stage not in STAGE_CONFIGS:
+                raise AdapterkitError(f"recipes --explain {stage}: no such stage ({', '.join(STAGE_CONFIGS)})")
+            print(f"# {stage}: {' '.join(STAGE_CONFIGS[stage].__doc__.split())}")
+            print("\n".join(explain(stage)))
+        return
     for name in shipped_recipes():
         first = recipe_path(name).read_text().splitlines()[0]
         print(f"{name:20s} {first.lstrip('# ')}")
 
 
-@command("recipes", "list the recipes shipped with adapterkit", _run_recipes)
+@command("recipes", "list the recipes shipped with adapterkit; --explain: every recipe key", _run_recipes)
 def _recipes_args(p):
-    pass
+    p.add_argument("--explain", nargs="?", const="all", metavar="STAGE",
+                   help="every key of a stage's recipes (default: every stage), its type, default and meaning")
 
 
 # -- quickstart --------------------------------------------------------------------------
