@@ -107,8 +107,9 @@ def check_base(config: StageConfig) -> None:
     why = ("the hub is offline (HF_HUB_OFFLINE)" if offline()
            else "the hub cannot be reached" if not hub_reachable() else None)
     if why:
-        raise AdapterkitError(f"base.name={b.name}: a hub model that is not in the local cache, and {why}; "
-                              "download it once while online, or give a local folder")
+        raise AdapterkitError(f"base {b.name!r}: cannot load its tokenizer or weights: a hub model that is "
+                              f"not in the local cache, and {why}; download it once while online, or "
+                              "give base.name a local folder")
 
 
 def preflight(config: StageConfig) -> None:
