@@ -6,11 +6,12 @@ user's to fix (AdapterkitError) print as one message on stderr, exit code 2, no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, TextIO
 
 from adapterkit.errors import AdapterkitError
 
@@ -30,8 +31,13 @@ def console():
     return Console()
 
 
+_JSON_OUT: list[TextIO] = []  # the real stdout while a --json command runs (``main``)
+
+
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """The one JSON document of a ``--json`` command. While the command runs, anything else
+    printed (a library's log line) goes to stderr, so stdout parses as JSON."""
+    print(json.dumps(obj, indent=2, default=str), file=_JSON_OUT[-1] if _JSON_OUT else sys.stdout)
 
 
 def _add_recipe(p) -> None:
@@ -40,7 +46,9 @@ def _add_recipe(p) -> None:
                    help="dotted overrides, e.g. train.learning_rate=1e-4 lora.r=16")
     p.add_argument("--overwrite", action="store_true", help="replace output.dir even when it holds "
                    "something other than this adapter (output.overwrite=true)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout "
+                   "(progress and messages go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (train.progress=false)")
     p.add_argument("--publish", metavar="NAME", help="publish the trained adapter to the registry as NAME")
     p.add_argument("--domain", help="the adapter's domain (output.domain)")
     p.add_argument("--registry", metavar="DIR", help="registry root for --publish (default: "
@@ -51,7 +59,8 @@ def _train(stage: str, args) -> None:
     from adapterkit.config import load_config
     from adapterkit.stages import train_stage
     flags = {"output.publish": args.publish, "output.domain": args.domain, "output.registry": args.registry,
-             "output.overwrite": "true" if args.overwrite else None}
+             "output.overwrite": "true" if args.overwrite else None,
+             "train.progress": "false" if args.quiet else None}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     config = load_config(stage, args.recipe, overrides)
     record = train_stage(stage, config)
@@ -124,53 +133,72 @@ def _score_args(p):
 
 
 def _run_recipes(args) -> None:
-    from adapterkit.config import recipe_path, shipped_recipes
+    from adapterkit.config import STAGE_CONFIGS, explain, recipe_path, shipped_recipes
+    if args.explain:
+        for stage in ([args.explain] if args.explain != "all" else STAGE_CONFIGS):
+            if stage not in STAGE_CONFIGS:
+                raise AdapterkitError(f"recipes --explain {stage}: no such stage ({', '.join(STAGE_CONFIGS)})")
+            print(f"# {stage}: {' '.join(STAGE_CONFIGS[stage].__doc__.split())}")
+            print("\n".join(explain(stage)))
+        return
     for name in shipped_recipes():
         first = recipe_path(name).read_text().splitlines()[0]
         print(f"{name:20s} {first.lstrip('# ')}")
 
 
-@command("recipes", "list the recipes shipped with adapterkit", _run_recipes)
+@command("recipes", "list the recipes shipped with adapterkit; --explain: every recipe key", _run_recipes)
 def _recipes_args(p):
-    pass
+    p.add_argument("--explain", nargs="?", const="all", metavar="STAGE",
+                   help="every key of a stage's recipes (default: every stage), its type, default and meaning")
 
 
 # -- quickstart --------------------------------------------------------------------------
 
 def _run_quickstart(args) -> None:
-    from adapterkit.quickstart import run_quickstart
+    from adapterkit.quickstart import STEP_HELP, run_quickstart
     con = console()
-    if args.quiet:  # also transformers' "Loading weights" bars
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
     summary = run_quickstart(args.out, progress=not args.quiet,
-                             on_step=None if args.json else lambda s: con.rule(f"step: {s}"))
+                             on_step=None if args.json else lambda s: con.rule(f"{s}: {STEP_HELP.get(s, '')}"))
     if args.json:
         print_json(summary)
         return
-    from rich.table import Table
-    table = Table(title=f"adapterkit quickstart (held-out prompts, ground-truth scorer) - {args.out}")
-    for col in ("stage", "adapter", "score", "other"):
-        table.add_column(col)
-    for stage, entry in summary["stages"].items():
-        other = ", ".join(f"{k}={v:.3f}" for k, v in entry.items()
-                          if k not in ("adapter", "score") and isinstance(v, float))
-        score = entry.get("score")
-        table.add_row(stage, os.path.relpath(entry["adapter"]) if entry.get("adapter") else "-",
-                      f"{score:.3f}" if score is not None else "-", other)
-    con.print(table)
+    con.print(stage_table(summary["stages"], f"adapterkit quickstart (held-out prompts, ground-truth "
+                                             f"scorer) - {args.out}"))
     if summary.get("profile"):
         print(f"registry {summary['registry']}, profile {summary['profile']}:")
         print("\n".join("  " + line for line in summary["registry_tree"]))
-    print(f"seconds per step: {summary['seconds']}; summary: {os.path.join(args.out, 'summary.json')}")
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items())
+    print(f"time per step: {seconds}\nsummary: {os.path.join(args.out, 'summary.json')}")
+
+
+LABELS = {"kl": "held-out KL", "eval_loss": "eval loss", "accuracy": "pair accuracy", "win_rate": "win rate"}
+
+
+def stage_table(stages: dict, title: str):
+    """One row per stage: its score, the change against its parent's score, a red mark and a
+    one-line reason where the stage made things worse (``quickstart.regression``)."""
+    from rich.table import Table
+    from adapterkit.quickstart import change, regression
+    table = Table(title=title)
+    for col in ("stage", "adapter", "score", "vs parent", "other"):
+        table.add_column(col)
+    for stage, entry in stages.items():
+        other = ", ".join(f"{LABELS.get(k, k)}={v:.3f}" for k, v in entry.items()
+                          if k not in ("adapter", "score", "parent") and isinstance(v, float))
+        score, delta, worse = entry.get("score"), change(stages, stage), regression(stages, stage)
+        vs = "-" if delta is None else f"{delta:+.3f} vs {entry['parent']}"
+        table.add_row(stage, os.path.relpath(entry["adapter"]) if entry.get("adapter") else "-",
+                      f"{score:.3f}" if score is not None else "-",
+                      f"[red]{vs}  worse: {worse}[/]" if worse else vs, other)
+    return table
 
 
 @command("quickstart", "build the tiny default and run every stage on it, then print the scores",
          _run_quickstart)
 def _quickstart_args(p):
     p.add_argument("--out", default="runs/quickstart", help="folder for every artifact (default: runs/quickstart)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars: only the step headers and the table")
+    p.add_argument("--json", action="store_true", help="print summary.json (one JSON document) instead of the table")
 
 
 # -- registry, profiles, merge, export, generate: cli_registry.py ------------------------------
@@ -192,15 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    """Without ``-v``: no library warnings, info logs or loading bars ("Loading weights");
+    adapterkit's own progress bar per stage stays."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import warnings
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     import datasets
     datasets.disable_progress_bars()
+    from huggingface_hub.utils import disable_progress_bars
+    disable_progress_bars()
 
 
 def one_line(err: Exception) -> str:
@@ -214,8 +247,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    json_out = getattr(args, "json", False)
     try:
-        args.func(args)
+        with contextlib.ExitStack() as stack:
+            if json_out:  # stdout is the JSON document's alone: anything else goes to stderr
+                _JSON_OUT.append(sys.stdout)
+                stack.callback(_JSON_OUT.pop)
+                stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+            args.func(args)
     except AdapterkitError as err:
         if args.verbose:
             raise

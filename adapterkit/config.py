@@ -36,78 +36,157 @@ ScorerRef = Annotated[RewardRef, AfterValidator(_function_ref)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A recipe section: unknown keys refused; each field's docstring is its description
+    (``adapterkit recipes --explain``)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class BaseSection(Section):
-    name: str  # hub name, local directory, or a registered name such as "tiny" (``resolvers.py``)
+    name: str
+    """hub name, local directory, or a registered name such as "tiny" (``resolvers.py``)"""
     revision: str | None = None
+    """hub revision (branch, tag or commit) of a hub base"""
     quantization: Quantization = "nf4"
-    compute_dtype: DType = "auto"  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU (quant.resolve_dtype)
+    """nf4 (QLoRA's 4-bit NormalFloat), int8, or none (full precision)"""
+    compute_dtype: DType = "auto"
+    """auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU (quant.resolve_dtype)"""
     double_quant: bool = True
+    """quantize the 4-bit quantization constants too (QLoRA's double quantization)"""
     trust_remote_code: bool = False
+    """run a hub model's own modelling code (only for bases you trust)"""
 
 
 class DataSection(Section):
-    train: str  # file, directory, hub dataset, or a registered scheme such as "tiny:<split>"
+    train: str
+    """file, directory, hub dataset, or a registered scheme such as tiny:<split>"""
     eval: str | None = None
+    """held-out data in the same forms as train: evaluation during and after training"""
     format: Literal["auto", "messages", "prompt_completion", "text", "preference", "prompt"] = "auto"
+    """the rows' format; auto: detected from the first row's fields"""
     max_length: int = Field(256, gt=0)
+    """tokens per row (prompt + response), as the policy on_long applies"""
     on_long: Literal["error", "truncate", "drop"] = "error"
+    """a row over max_length: error (with its row number), truncate, or drop"""
     hub_split: str = "train"
-    chat_template: str | None = None  # a Jinja chat template (or a file holding one) for a base without one
+    """the split of a hub dataset to read"""
+    chat_template: str | None = None
+    """a Jinja chat template (or a file holding one) for a base without one"""
 
 
 class LoraSection(Section):
     r: int = Field(8, gt=0)
+    """LoRA rank"""
     lora_alpha: float = Field(16, gt=0)
+    """LoRA scaling numerator: the update is scaled by lora_alpha / r"""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """dropout on the LoRA input"""
     target_modules: str | list[str] = "all-linear"
+    """modules that get LoRA: all-linear, or a list of module names"""
 
 
 class TrainSection(Section):
     learning_rate: float = Field(2e-4, gt=0, lt=1)
+    """peak learning rate (AdamW)"""
     num_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides num_epochs
+    """passes over data.train (unless max_steps > 0)"""
+    max_steps: int = -1
+    """optimizer steps (PPO: PPO steps) to train; > 0 overrides num_epochs"""
     batch_size: int = Field(8, gt=0)
+    """rows per device per micro-batch (PPO: per PPO minibatch)"""
     grad_accum: int = Field(1, gt=0)
+    """micro-batches per optimizer step"""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """share of the steps spent warming the learning rate up"""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay"""
     lr_scheduler: str = "linear"
+    """transformers scheduler name: linear, cosine, constant, ..."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """gradient clipping norm"""
     gradient_checkpointing: bool = True
+    """recompute activations in the backward pass: less memory, more time"""
     packing: bool = False
+    """SFT: pack several rows into each max_length sequence (fewer pad tokens, faster)"""
     padding_free: bool = False
+    """SFT: concatenate a batch without padding (flash-attention kernels); not with packing"""
     seed: int = 0
+    """seed of the adapter's initialisation, the data order and sampling"""
     logging_steps: int = Field(5, gt=0)
+    """steps between logged values (progress bar, curves, trackers)"""
     progress: bool = True
+    """one progress bar per stage (loss, reward, KL); false: silent"""
+    eval_steps: int = Field(0, ge=0)
+    """Evaluation on data.eval every N optimizer steps (PPO: every N PPO steps, as ppo.eval_every); 0: SFT once per epoch, reward and DPO once at the end"""
+    save_steps: int = Field(0, ge=0)
+    """Checkpoints every N optimizer steps (PPO: PPO steps); 0: none. They go to checkpoint_dir (default <output.dir>.checkpoint), one checkpoint-<step> folder each, weights as safetensors"""
+    save_total_limit: int = Field(2, gt=0)
+    """checkpoints kept: the last N"""
+    checkpoint_dir: str | None = None
+    """default: <output.dir>.checkpoint (a sibling of the adapter)"""
+    resume_from: str | None = None
+    """Resume from a checkpoint: a checkpoint-<step> folder, a checkpoint_dir (its newest), or "latest" (the newest in checkpoint_dir). Same seed and data: the same adapter as a run that was never stopped"""
+    report_to: str | list[str] = "none"
+    """Experiment trackers, as transformers' report_to: none, tensorboard, wandb, mlflow, ... (a list for several); PPO logs to the same ones through accelerate"""
+    logging_dir: str | None = None
+    """trackers' local folder; default: <output.dir>.logs"""
 
 
 class OutputSection(Section):
     dir: str = "runs/adapter"
-    name: str | None = None  # defaults to the stage name
+    """the adapter's folder (replaced only when it holds this same adapter, or overwrite)"""
+    name: str | None = None
+    """defaults to the stage name"""
     domain: str = "general"
+    """the adapter's domain in the registry"""
     tags: list[str] = []
-    publish: str | None = None  # registry name to publish under after training
-    registry: str | None = None  # registry root; default ./adapters or $ADAPTERKIT_REGISTRY
-    overwrite: bool = False  # replace an output.dir that holds something other than this adapter
-    license: str | None = None  # the model card's license (default: the base's own card's, when it has one)
+    """free tags in the manifest and the registry"""
+    publish: str | None = None
+    """registry name to publish under after training"""
+    registry: str | None = None
+    """registry root; default ./adapters or $ADAPTERKIT_REGISTRY"""
+    overwrite: bool = False
+    """replace an output.dir that holds something other than this adapter"""
+    license: str | None = None
+    """the model card's license (default: the base's own card's, when it has one)"""
 
 
 class StageConfig(Section):
     """Defaults here are neutral: the base and the data are always named by the recipe (the
     tiny task's values live only in recipes/tiny_*.yaml)."""
     stage: str
+    """the stage this recipe trains"""
     base: BaseSection
+    """the base model"""
     data: DataSection
+    """training and held-out data"""
     lora: LoraSection = LoraSection()
+    """the LoRA adapter"""
     train: TrainSection = TrainSection()
+    """optimisation, evaluation, checkpoints and tracking"""
     output: OutputSection = OutputSection()
+    """where the adapter goes"""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go: ``train.checkpoint_dir``, else ``<output.dir>.checkpoint``."""
+        return Path(self.train.checkpoint_dir or f"{Path(self.output.dir)}.checkpoint").expanduser()
+
+    @property
+    def logging_dir(self) -> Path:
+        """The trackers' local folder: ``train.logging_dir``, else ``<output.dir>.logs``."""
+        return Path(self.train.logging_dir or f"{Path(self.output.dir)}.logs").expanduser()
+
+    @property
+    def trackers(self) -> list[str]:
+        """``train.report_to`` as a list, without ``none``."""
+        value = self.train.report_to
+        return [t for t in ([value] if isinstance(value, str) else value) if t != "none"]
 
 
 class SFTConfig(StageConfig):
     """train a QLoRA SFT adapter from a recipe"""
     stage: Literal["sft"] = "sft"
+    """the stage this recipe trains"""
 
     @model_validator(mode="after")
     def _packing_modes(self) -> "SFTConfig":
@@ -126,37 +205,54 @@ def register_stage_config(cls: type[StageConfig]) -> type[StageConfig]:
 
 class RewardSection(Section):
     """Bradley-Terry reward model: a LoRA adapter plus a scalar head (``score``)."""
-    center_rewards_coefficient: float | None = Field(None, ge=0)  # Eisenstein et al. 2023, eq. 2
+    center_rewards_coefficient: float | None = Field(None, ge=0)
+    """weight of a penalty that centres the rewards at 0 (Eisenstein et al. 2023, eq. 2); none: off"""
     eval_batch_size: int = Field(32, gt=0)
+    """pairs per batch when scoring the held-out pairs"""
 
 
 @register_stage_config
 class RewardConfig(StageConfig):
     """train a reward model (LoRA + scalar head) on preference pairs"""
     stage: Literal["reward"] = "reward"
+    """the stage this recipe trains"""
     reward: RewardSection = RewardSection()
+    """reward-model settings"""
 
 
 class DPOSection(Section):
     """DPO (Rafailov et al. 2023) on top of a frozen parent stack, which is the reference."""
-    parent: list[str] = []  # adapter dirs or registry refs, bottom first; none: plain DPO on the base
-    mode: Literal["new", "continue"] = "new"  # continue: train a copy of the last parent
+    parent: list[str] = []
+    """adapter dirs or registry refs, bottom first; none: plain DPO on the base"""
+    mode: Literal["new", "continue"] = "new"
+    """new: a fresh LoRA on top of the parents; continue: train a copy of the last parent"""
     beta: float = Field(0.1, gt=0)
+    """DPO's beta: the strength of the implicit KL to the reference"""
     loss_type: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO / rDPO label-flip rate
-    sft_weight: float = Field(0.0, ge=0)  # RPO (Pang et al. 2024): + weight * NLL of chosen
-    precompute_ref_logps: bool = False  # one reference pass before training, none during it
-    scorer: ScorerRef | None = None  # ground-truth reward function for the held-out prompts
-    prompts: str | None = None  # held-out prompts for score, KL and win rate
-    reward: str | None = None  # reward adapter dir: win rate of the policy over its parent
+    """sigmoid (DPO), ipo (IPO) or robust (rDPO)"""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """cDPO / rDPO label-flip rate"""
+    sft_weight: float = Field(0.0, ge=0)
+    """RPO (Pang et al. 2024): + weight * NLL of chosen"""
+    precompute_ref_logps: bool = False
+    """one reference pass before training, none during it"""
+    scorer: ScorerRef | None = None
+    """ground-truth reward function for the held-out prompts"""
+    prompts: str | None = None
+    """held-out prompts for score, KL and win rate"""
+    reward: str | None = None
+    """reward adapter dir: win rate of the policy over its parent"""
     max_new_tokens: int = Field(16, gt=0)
+    """tokens generated per held-out prompt"""
 
 
 @register_stage_config
 class DPOConfig(StageConfig):
     """train a DPO adapter on top of a frozen parent stack (the recipe names it)"""
     stage: Literal["dpo"] = "dpo"
+    """the stage this recipe trains"""
     dpo: DPOSection = DPOSection()
+    """DPO settings"""
 
     @model_validator(mode="after")
     def _parent_for_continue(self) -> "DPOConfig":
@@ -167,41 +263,57 @@ class DPOConfig(StageConfig):
 
 class PPOSection(Section):
     """PPO (Schulman et al. 2017) with InstructGPT's KL-shaped reward (Ouyang et al. 2022)."""
-    parent: list[str] = []  # frozen parent stack (dirs or registry refs, bottom first): the reference
-    # required: a reward adapter (LoRA + score head; dir or registry ref), or a reward function
-    # (module:function with trl's GRPO signature, see adapterkit.rewards)
+    parent: list[str] = []
+    """frozen parent stack (dirs or registry refs, bottom first): the reference"""
     reward: RewardRef | None = None
-    # value adapter + head: a copy of the reward adapter's, or new; default: the reward's when
-    # the reward is an adapter, else new
+    """required: a reward adapter (LoRA + score head; dir or registry ref), or a reward function (module:function with trl's GRPO signature, see adapterkit.rewards)"""
     value_init: Literal["reward", "fresh"] | None = None
-    rollout_batch_size: int = Field(64, gt=0)  # prompts per PPO step (per process)
+    """value adapter + head: a copy of the reward adapter's, or new; default: the reward's when the reward is an adapter, else new"""
+    rollout_batch_size: int = Field(64, gt=0)
+    """prompts per PPO step (per process)"""
     ppo_epochs: int = Field(2, gt=0)
+    """passes over each step's rollouts"""
     max_new_tokens: int = Field(16, gt=0)
+    """tokens generated per rollout"""
     temperature: float = Field(1.0, gt=0)
+    """sampling temperature of the rollouts"""
     gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount"""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda"""
     clip_range: float = Field(0.2, gt=0)
+    """PPO's policy ratio clip"""
     clip_range_value: float = Field(0.2, gt=0)
+    """value-function clip"""
     vf_coef: float = Field(0.1, ge=0)
-    # beta, in the reward's units (a [0, 1] reward function wants ~10x less than a reward model
-    # scoring about +-8); the initial value when adaptive_kl
+    """value loss weight"""
     kl_coef: float = Field(0.05, ge=0)
+    """beta, in the reward's units (a [0, 1] reward function wants ~10x less than a reward model scoring about +-8); the initial value when adaptive_kl"""
     kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator: k1 (log-ratio) or k3 (Schulman's, non-negative)"""
     adaptive_kl: bool = False
+    """adapt kl_coef toward kl_target (Ziegler et al. 2019)"""
     kl_target: float = Field(6.0, gt=0)
+    """the adaptive controller's target KL"""
     kl_horizon: float = Field(10000, gt=0)
+    """the adaptive controller's horizon"""
     whiten_rewards: bool = False
-    missing_eos_penalty: float | None = None  # subtracted from the score of unfinished responses
-    scorer: ScorerRef | None = None  # ground-truth reward function for the held-out prompts
-    # Held-out evaluation every N PPO steps (0: only at the end): the greedy responses to the
-    # data.eval prompts, scored by ``scorer`` when set, else by the reward. It draws the
-    # held-out curve in ppo.png, and guards against over-optimising a reward model:
+    """whiten the per-token rewards before GAE"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of unfinished responses"""
+    scorer: ScorerRef | None = None
+    """ground-truth reward function for the held-out prompts"""
     eval_every: int = Field(0, ge=0)
-    keep_best: bool = False  # save the policy from the best evaluation (step 0 = the parent)
-    patience: int = Field(0, ge=0)  # stop after this many evaluations without a new best; 0: never
-    checkpoint_every: int = Field(0, ge=0)  # PPO steps between checkpoints; 0: none
-    checkpoint_dir: str | None = None  # default: <output.dir>.checkpoint
-    resume_from: str | None = None  # a checkpoint dir written by checkpoint_every
+    """Held-out evaluation every N PPO steps (0: only at the end): the greedy responses to the data.eval prompts, scored by ``scorer`` when set, else by the reward. It draws the held-out curve in ppo.png, and guards against over-optimising a reward model: train.eval_steps is the same setting"""
+    keep_best: bool = False
+    """save the policy from the best evaluation (step 0 = the parent)"""
+    patience: int = Field(0, ge=0)
+    """stop after this many evaluations without a new best; 0: never"""
+    # Checkpoints: train.save_steps, train.checkpoint_dir and train.resume_from, as every stage
+    # (ppo.checkpoint_every, ppo.checkpoint_dir and ppo.resume_from are read as those)
+
+
+PPO_ALIASES = {"checkpoint_every": "save_steps", "checkpoint_dir": "checkpoint_dir", "resume_from": "resume_from"}
 
 
 @register_stage_config
@@ -209,10 +321,35 @@ class PPOConfig(StageConfig):
     """train a PPO policy adapter on a frozen parent stack, with reward and value adapters on
     the same 4-bit base"""
     stage: Literal["ppo"] = "ppo"
+    """the stage this recipe trains"""
     ppo: PPOSection = PPOSection()
+    """PPO settings"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, raw: Any) -> Any:
+        """The checkpoint keys PPO had before every stage checkpointed: ``ppo.checkpoint_every``
+        is ``train.save_steps``, ``ppo.checkpoint_dir`` and ``ppo.resume_from`` the train keys."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("ppo"), dict):
+            return raw
+        ppo = dict(raw["ppo"])
+        moved = {old: ppo.pop(old) for old in PPO_ALIASES if old in ppo}
+        if not moved:
+            return raw
+        train = dict(raw.get("train") or {})
+        for old, value in moved.items():
+            key = PPO_ALIASES[old]
+            if train.get(key) not in (None, 0, value):
+                raise ValueError(f"train.{key} and its alias ppo.{old}: different values; set one")
+            train[key] = value
+        return {**raw, "ppo": ppo, "train": train}
 
     @model_validator(mode="after")
     def _batches(self) -> "PPOConfig":
+        if self.train.eval_steps and not self.ppo.eval_every:
+            self.ppo.eval_every = self.train.eval_steps
+        elif self.train.eval_steps not in (0, self.ppo.eval_every):
+            raise ValueError("train.eval_steps and ppo.eval_every: different values; set one")
         if self.ppo.reward is None:
             raise ValueError("ppo.reward: required (a reward adapter directory, or module:function)")
         if self.ppo.value_init == "reward" and rewards.is_function_ref(self.ppo.reward):
@@ -226,6 +363,27 @@ class PPOConfig(StageConfig):
             raise ValueError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple "
                              f"of train.batch_size * train.grad_accum = {minibatch}")
         return self
+
+
+def explain(stage: str) -> list[str]:
+    """Every key of a stage's recipe: ``section.key (type, default): description``, the
+    lines ``adapterkit recipes --explain`` prints."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                lines.append(f"{prefix}{name}: {field.description}")
+                walk(kind, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            from typing import get_args, get_origin
+            shown = (" | ".join(map(str, get_args(kind))) if get_origin(kind) is Literal
+                     else getattr(kind, "__name__", None) or str(kind).replace("typing.", ""))
+            lines.append(f"  {prefix}{name} ({shown}, {default}): {field.description}")
+    walk(STAGE_CONFIGS[stage], "")
+    return lines
 
 
 def recipe_path(recipe: str | os.PathLike) -> Path:
@@ -293,7 +451,14 @@ def build_config(stage: str, raw: dict[str, Any], source: str = "<config>") -> S
 
 def load_config(stage: str, recipe: str | os.PathLike | None = None,
                 overrides: list[str] = ()) -> StageConfig:
-    """Read a recipe (or start from defaults), apply overrides, validate."""
+    """Read a recipe (or start from defaults), apply overrides, validate: the config a stage
+    trains from. Unknown keys and impossible values raise ``ConfigError`` naming the key.
+
+    Example::
+
+        config = load_config("sft", "tiny_sft", ["lora.r=16", "train.learning_rate=1e-4"])
+        config = load_config("dpo", "my_recipe.yaml", ["dpo.parent=[runs/sft]"])
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if recipe is not None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_curves(path: str | Path, series: dict[str, list[tuple[float, float]]], title: str,
+Points = list[tuple[float, float]]
+
+
+def plot_curves(path: str | Path, series: dict[str, Points | dict[str, Points]], title: str,
                 xlabel: str = "step") -> Path | None:
-    """One panel per series of (x, y) points; series with no points are left out."""
+    """One panel per series of (x, y) points, or per {line name: points} (several lines with a
+    legend: e.g. the train reward beside the held-out score); empty ones are left out."""
+    series = {k: ({n: p for n, p in v.items() if p} if isinstance(v, dict) else v) for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
@@ -15,9 +20,12 @@ def plot_curves(path: str | Path, series: dict[str, list[tuple[float, float]]], 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (name, points) in zip(axes[0], series.items()):
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+    for ax, (name, lines) in zip(axes[0], series.items()):
+        for label, points in (lines.items() if isinstance(lines, dict) else [(None, lines)]):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+        if isinstance(lines, dict):
+            ax.legend(fontsize="small")
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

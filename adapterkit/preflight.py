@@ -6,6 +6,8 @@ save, or that saving would destroy the user's folder.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from adapterkit import rewards
 from adapterkit.config import StageConfig
 from adapterkit.safety import check_output_dir
@@ -50,8 +52,70 @@ def check_adapters(config: StageConfig) -> None:
         rewards.load_function(reward)  # a reward function that does not import fails now
 
 
+# train.report_to -> the module it needs (transformers' integrations import these)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                   "trackio": ("trackio",), "swanlab": ("swanlab",)}
+
+
+def check_training(config: StageConfig) -> None:
+    """Checkpoints, resume and trackers: the checkpoint folder is a folder, ``train.resume_from``
+    names a checkpoint that exists, every ``train.report_to`` tracker is installed."""
+    from importlib.util import find_spec
+    from adapterkit.checkpoints import resolve_resume
+    from adapterkit.errors import ConfigError
+    ckpt = config.checkpoint_dir
+    if config.train.save_steps and ckpt.exists() and not ckpt.is_dir():
+        raise ConfigError(f"train.checkpoint_dir {ckpt}: exists and is not a folder")
+    resolve_resume(config.train.resume_from, ckpt)
+    for tracker in (t for t in config.trackers if t != "all"):
+        modules = TRACKER_MODULES.get(tracker)
+        if modules is None:
+            raise ConfigError(f"train.report_to={tracker}: unknown tracker (known: none, "
+                              f"{', '.join(TRACKER_MODULES)}, all)")
+        if not any(find_spec(m) for m in modules):
+            raise ConfigError(f"train.report_to={tracker}: needs `pip install {modules[0]}`")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (``HF_ENDPOINT``), a few seconds at most."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_base(config: StageConfig) -> None:
+    """A hub base that is not in the local cache needs the hub: offline (``HF_HUB_OFFLINE``) or
+    unreachable, that is one line now, not a minute of retries and a traceback at load time."""
+    from adapterkit.base import resolve_base
+    from adapterkit.data import offline
+    from adapterkit.errors import AdapterkitError
+    b = config.base
+    source = resolve_base(b.name)
+    if Path(source).is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(source, "config.json", revision=b.revision), str):
+        return  # cached: transformers reads it from there
+    why = ("the hub is offline (HF_HUB_OFFLINE)" if offline()
+           else "the hub cannot be reached" if not hub_reachable() else None)
+    if why:
+        raise AdapterkitError(f"base {b.name!r}: cannot load its tokenizer or weights: a hub model that is "
+                              f"not in the local cache, and {why}; download it once while online, or "
+                              "give base.name a local folder")
+
+
 def preflight(config: StageConfig) -> None:
     """Everything a stage can check before loading a model, in order of cost."""
     check_output(config)
+    check_training(config)
+    check_base(config)
     check_adapters(config)
     check_data(config)

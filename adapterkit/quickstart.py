@@ -67,7 +67,8 @@ def step_sft(ctx: Context) -> None:
     config = load_config("sft", "tiny_sft", ctx.overrides("sft") + [
         f"data.train={ctx.data('sft')}", f"data.eval={ctx.data('sft_eval')}"])
     record = train_sft(config)
-    ctx.summary["stages"]["sft"] = {"adapter": str(record.path), "score": ctx.score([str(record.path)]),
+    ctx.summary["stages"]["sft"] = {"adapter": str(record.path), "parent": "base",
+                                    "score": ctx.score([str(record.path)]),
                                     "eval_loss": record.metrics.get("eval_loss")}
 
 
@@ -89,7 +90,7 @@ def step_dpo(ctx: Context) -> None:
         f"data.train={ctx.data('preferences')}", f"data.eval={ctx.data('preferences_eval')}",
         f"dpo.prompts={ctx.data('prompts_eval')}", f"dpo.parent={json.dumps([sft])}"])
     record = train_dpo(config)
-    stages["dpo"] = {"adapter": str(record.path), "score": ctx.score([sft, str(record.path)]),
+    stages["dpo"] = {"adapter": str(record.path), "parent": "sft", "score": ctx.score([sft, str(record.path)]),
                      "kl": record.metrics["kl"], **{k: record.metrics[k] for k in ("win_rate",)
                                                     if k in record.metrics}}
 
@@ -104,9 +105,33 @@ def step_ppo(ctx: Context) -> None:
         f"data.train={ctx.data('prompts')}", f"data.eval={ctx.data('prompts_eval')}",
         f"ppo.parent={json.dumps([sft])}", f"ppo.reward={json.dumps(stages['reward']['adapter'])}"])
     record = train_ppo(config)
-    stages["ppo"] = {"adapter": str(record.path), "score": ctx.score([sft, str(record.path)]),
+    stages["ppo"] = {"adapter": str(record.path), "parent": "sft", "score": ctx.score([sft, str(record.path)]),
                      "kl": record.metrics["kl"]}
 
+
+def change(stages: dict, stage: str) -> float | None:
+    """A stage's held-out score minus its parent's (the stage it was trained on top of)."""
+    entry = stages[stage]
+    parent = stages.get(entry.get("parent") or "", {})
+    if entry.get("score") is None or parent.get("score") is None:
+        return None
+    return entry["score"] - parent["score"]
+
+
+def regression(stages: dict, stage: str) -> str | None:
+    """One line saying why a stage made things worse than its parent; None when it did not."""
+    delta = change(stages, stage)
+    if delta is None or delta >= 0:
+        return None
+    entry = stages[stage]
+    return (f"held-out score {entry['score']:.3f} is below its parent {entry['parent']}'s "
+            f"{stages[entry['parent']]['score']:.3f}")
+
+
+STEP_HELP = {"base": "build the tiny base, tokenizer and task (once, about 30 s on CPU), score the base",
+             "sft": "supervised fine-tuning on the base", "reward": "a reward model on preference pairs",
+             "dpo": "DPO on top of the SFT adapter", "ppo": "PPO on top of the SFT adapter, against the reward model",
+             "publish": "publish every adapter to the registry, set the best stack as a profile"}
 
 STEPS: dict[str, Callable[[Context], None]] = {"base": step_base, "sft": step_sft,
                                                "reward": step_reward, "dpo": step_dpo,

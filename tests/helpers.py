@@ -40,3 +40,15 @@ def load_nf4(auto, path, prepared: bool = False, **kwargs):
                                  device_map={"": DEVICE}, **kwargs)
     keep_compute_dtype(model)  # bnb's CPU bf16 eval kernel off, as adapterkit loads bases
     return model
+
+
+def event_tags(folder) -> set[str]:
+    """The scalar tags in every TensorBoard event file under ``folder``."""
+    from pathlib import Path
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for events in Path(folder).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags

@@ -110,3 +110,38 @@ def test_defaults_are_neutral_and_the_tiny_values_live_in_the_recipes():
     assert ppo.data.eval is None and ppo.ppo.scorer is None
     shipped = load_config("dpo", "tiny_dpo")  # the tiny values, from the tiny recipe
     assert shipped.dpo.scorer == "tiny" and shipped.dpo.prompts == "tiny:prompts_eval"
+
+
+def test_every_recipe_key_is_documented_and_explained(capsys):
+    from pydantic import BaseModel
+    from adapterkit.cli import main
+    from adapterkit.config import STAGE_CONFIGS
+
+    def undocumented(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if not field.description:
+                yield prefix + name
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from undocumented(field.annotation, f"{prefix}{name}.")
+    assert [(stage, key) for stage, cls in STAGE_CONFIGS.items() for key in undocumented(cls)] == []
+    assert main(["recipes", "--explain"]) == 0
+    out = capsys.readouterr().out
+    for line in ("  train.resume_from (str | None, default None): Resume from a checkpoint",
+                 "  train.save_steps (int, default 0):", "  train.report_to (", "  train.eval_steps (",
+                 "  train.packing (bool, default False): SFT: pack", "  base.quantization (nf4 | int8 | none",
+                 "  ppo.kl_coef (float, default 0.05):", "# dpo: train a DPO adapter"):
+        assert line in out, line
+
+
+def test_ppo_checkpoint_keys_are_the_train_keys():
+    from adapterkit.config import load_config
+    from adapterkit.errors import ConfigError
+    old = load_config("ppo", "tiny_ppo", ["ppo.checkpoint_every=3", "ppo.checkpoint_dir=/tmp/c",
+                                          "ppo.resume_from=latest"])
+    new = load_config("ppo", "tiny_ppo", ["train.save_steps=3", "train.checkpoint_dir=/tmp/c",
+                                          "train.resume_from=latest"])
+    assert old.train == new.train and old.ppo == new.ppo
+    assert "checkpoint_every" not in old.model_dump()["ppo"]  # saved configs carry the one spelling
+    with pytest.raises(ConfigError, match="train.save_steps and its alias ppo.checkpoint_every"):
+        load_config("ppo", "tiny_ppo", ["ppo.checkpoint_every=3", "train.save_steps=4"])
+    assert load_config("ppo", "tiny_ppo", ["train.eval_steps=3", "ppo.eval_every=0"]).ppo.eval_every == 3

@@ -233,12 +233,14 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(sft_adapter, reward_adap
     from adapterkit.stages.ppo import setup, train
     ckpt = tmp_path / "ckpt"
     first = setup(small(sft_adapter, reward_adapter, tmp_path / "a", "train.max_steps=1",
-                        "ppo.checkpoint_every=1", f"ppo.checkpoint_dir={ckpt}"))
+                        "ppo.checkpoint_every=1", f"ppo.checkpoint_dir={ckpt}"))  # the old keys: aliases
+    assert first.config.train.save_steps == 1 and first.config.checkpoint_dir == ckpt
     train(first)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters.safetensors", "optimizer.safetensors",
-                                                      "trainer.json"]  # tensors as safetensors, no pickle
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint-1"]  # every stage's layout
+    assert sorted(p.name for p in (ckpt / "checkpoint-1").iterdir()) == [
+        "adapters.safetensors", "optimizer.safetensors", "trainer.json"]  # tensors as safetensors, no pickle
     resumed = setup(small(sft_adapter, reward_adapter, tmp_path / "b", "train.max_steps=2",
-                          f"ppo.resume_from={ckpt}"))
+                          f"train.resume_from={ckpt}"))  # every stage's key; a folder: its newest
     assert resumed.step == 1 and resumed.history == first.history
     assert resumed.kl_ctl.value == first.kl_ctl.value != resumed.config.ppo.kl_coef  # adaptive, restored
     train(resumed)
@@ -259,3 +261,15 @@ def test_config_needs_a_reward_and_whole_minibatches():
         load_config("ppo", "tiny_ppo", ["ppo.reward=null"])
     with pytest.raises(ConfigError, match="multiple of train.batch_size"):
         load_config("ppo", "tiny_ppo", ["ppo.rollout_batch_size=10"])
+
+
+def test_report_to_tensorboard_logs_ppo_through_accelerate(sft_adapter, reward_adapter, tmp_path):
+    pytest.importorskip("tensorboard")
+    from helpers import event_tags
+    from adapterkit.stages.ppo import finish, setup, train
+    out = tmp_path / "ppo"
+    run = setup(small(sft_adapter, reward_adapter, out, "train.max_steps=2", "train.logging_steps=1",
+                      "train.report_to=tensorboard"))
+    train(run)
+    finish(run)
+    assert {"reward", "kl", "value_loss"} <= event_tags(f"{out}.logs")

@@ -93,7 +93,7 @@ def test_sft_beats_the_base_on_held_out_prompts(sft_adapter, tiny_dir):
     assert sft_score < 0.9  # it learns the demonstrations' mistake: preference stages have a job
 
 
-def test_templates_without_generation_markers_train_on_the_last_turn(tiny_dir, tmp_path):
+def test_templates_without_generation_markers_train_on_the_last_turn(tiny_dir, tmp_path, caplog):
     from adapterkit.stages.sft import setup_data
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_dir / "base")
@@ -102,3 +102,5 @@ def test_templates_without_generation_markers_train_on_the_last_turn(tiny_dir, t
     train, _, assistant_only, report = setup_data(config, tok)
     assert not assistant_only and set(train.column_names) == {"prompt", "completion"}
     assert report["format"] == "messages"
+    said = [r.getMessage() for r in caplog.records if "generation" in r.getMessage()]
+    assert said and "{% generation %}" in said[0] and "%%" not in said[0]  # the log line as it prints

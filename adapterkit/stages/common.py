@@ -70,35 +70,123 @@ def load_splits(config: StageConfig, allowed: tuple[str, ...], tokenizer):
     return train, evals
 
 
-def trainer_kwargs(config: StageConfig, run_dir: str) -> dict:
+def trainer_kwargs(config: StageConfig, run_dir: str, has_eval: bool = False, per_epoch_eval: bool = False) -> dict:
     """The TrainingArguments fields every stage sets the same way. A bf16 or fp16 compute dtype
     on a GPU turns on the trainer's autocast (fp16 with its loss scaler) over fp32 adapter
-    weights (``keep_adapters_fp32``); on CPU the stages compute in the base's own dtype."""
+    weights (``keep_adapters_fp32``); on CPU the stages compute in the base's own dtype.
+
+    With ``train.save_steps`` the trainer writes its checkpoints (``checkpoints.py``) to
+    ``config.checkpoint_dir`` instead of ``run_dir``; ``train.eval_steps`` evaluates on the
+    held-out set every N steps (``has_eval``), else once per epoch when ``per_epoch_eval``."""
     from adapterkit.quant import resolve_dtype
     t = config.train
     cpu = not torch.cuda.is_available()
     dtype = resolve_dtype(config.base.compute_dtype, default_device())
+    evals = ({"eval_strategy": "steps", "eval_steps": t.eval_steps} if has_eval and t.eval_steps
+             else {"eval_strategy": "epoch" if has_eval and per_epoch_eval else "no"})
     return dict(
-        output_dir=run_dir, per_device_train_batch_size=t.batch_size,
+        output_dir=str(config.checkpoint_dir) if t.save_steps else run_dir,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or None,
+        save_total_limit=t.save_total_limit, report_to=config.trackers or "none", **evals,
+        per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, num_train_epochs=t.num_epochs, max_steps=t.max_steps,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="no",
-        report_to="none", seed=t.seed, data_seed=t.seed, disable_tqdm=not t.progress,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed, disable_tqdm=not t.progress,
         use_cpu=cpu, bf16=dtype == torch.bfloat16 and not cpu, fp16=dtype == torch.float16 and not cpu,
         gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
         dataloader_num_workers=0,
     )
 
 
-def quiet_trainer(trainer, config: StageConfig) -> None:
-    """Without progress bars, transformers prints every log dict instead; the run's metrics
-    and curves are in the artifact, so ``train.progress=false`` means a silent trainer. Every
-    trainer also stops on a NaN or infinite loss (``stop_on_nonfinite``)."""
-    from transformers import PrinterCallback
+def verbose() -> bool:
+    """``adapterkit -v`` (or a program that set the ``adapterkit`` logger to INFO): every log."""
+    return log.isEnabledFor(logging.INFO)
+
+
+# What the progress bar shows of the trainer's logs (key -> label): the few numbers that matter.
+BAR_KEYS = {"loss": "loss", "eval_loss": "eval_loss", "accuracy": "acc", "margin": "margin",
+            "eval_accuracy": "eval_acc", "rewards/margins": "margin", "rewards/accuracies": "acc"}
+
+
+def prepare_trainer(trainer, config: StageConfig) -> None:
+    """What every trainer stage adds to its trl trainer:
+
+    - output: one progress bar, with ``BAR_KEYS`` beside it, instead of transformers' raw log
+      dicts (those only with ``adapterkit -v``); ``train.progress=false``: nothing at all;
+    - a stop on a NaN or infinite loss (``stop_on_nonfinite``);
+    - tracking: the trackers' local files in ``config.logging_dir`` (not the scratch folder);
+    - resume: the trained adapter (``default``) restored by name from a checkpoint, however many
+      frozen adapters sit beside it (transformers would load it into the first active one)."""
+    import types
+    from transformers import PrinterCallback, ProgressCallback
     stop_on_nonfinite(trainer)
-    if not config.train.progress:
-        trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if config.train.progress:
+        trainer.add_callback(_progress_bar(config.stage))
+    elif verbose():
+        trainer.add_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
+            callback.logging_dir = str(config.logging_dir)
+    trainer._load_from_checkpoint = types.MethodType(_load_adapter_checkpoint, trainer)
+
+
+def _progress_bar(stage: str):
+    from transformers import ProgressCallback
+
+    class StageProgress(ProgressCallback):
+        """transformers' bar, named for the stage, with the latest numbers as its postfix; the
+        raw dicts only when verbose, and no second bar for evaluation."""
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(stage)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if verbose():
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if verbose():
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+            if self.training_bar is not None and logs:
+                shown = {label: f"{logs[k]:.4g}" for k, label in BAR_KEYS.items()
+                         if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    return StageProgress()
+
+
+def _load_adapter_checkpoint(trainer, checkpoint: str, model=None) -> None:
+    """``Trainer._load_from_checkpoint`` for our PEFT models: the checkpoint's root adapter is
+    ``default`` (the one that trains), loaded into the existing weights, so their dtype (fp32,
+    ``keep_adapters_fp32``) and the frozen parents stay as they are."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    model = model if model is not None else trainer.model
+    weights = load_peft_weights(checkpoint, device="cpu")
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    if result.unexpected_keys:
+        from adapterkit.errors import DataError
+        raise DataError(f"{checkpoint}: its adapter does not fit this run's ({result.unexpected_keys[0]} ...)")
+
+
+def resume_checkpoint(config: StageConfig) -> str | None:
+    """``train.resume_from`` resolved to a checkpoint folder (``checkpoints.resolve_resume``)."""
+    from adapterkit.checkpoints import resolve_resume
+    path = resolve_resume(config.train.resume_from, config.checkpoint_dir)
+    return None if path is None else str(path)
+
+
+def train_trainer(trainer, config: StageConfig):
+    """``trainer.train()``, from ``train.resume_from`` when set (model, optimizer, scheduler,
+    RNG and data position are the checkpoint's: the run goes on as if never stopped)."""
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is not None:
+        log.info("%s: resuming from %s", config.stage, checkpoint)
+    return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def check_finite(values: dict, where: str, kept: str = "nothing was saved") -> None:
@@ -192,7 +280,7 @@ def save_stage_artifact(config: StageConfig, manifest: dict,
 
 
 def run_dir() -> str:
-    """Scratch space for the trainer (checkpoints are off; logs only). Stages remove it when
+    """Scratch space for the trainer (without ``train.save_steps``; logs only). Stages remove it when
     they finish; a run that stops early leaves it to be removed when the process exits, and
     one killed with -9 leaves it to the next run's sweep (its lock is free then)."""
     from adapterkit.safety import owned_scratch

@@ -35,8 +35,8 @@ from adapterkit.data import load_data
 from adapterkit.evaluate import compare_to_parent, completion_logps
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
-                                      load_stage_tokenizer, quiet_trainer, run_dir, run_stage,
-                                      save_stage_artifact, trainer_kwargs)
+                                      load_stage_tokenizer, prepare_trainer, run_dir, run_stage,
+                                      save_stage_artifact, trainer_kwargs, train_trainer)
 from adapterkit.tokens import to_device
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
@@ -158,10 +158,12 @@ class DPORun:
     manifest: dict
     report: dict
     reward_dir: str | None  # resolved and checked against the base before training
+    scratch: str  # the trainer's logs (its checkpoints, with train.save_steps, go to config.checkpoint_dir)
 
 
 def setup(config: DPOConfig) -> DPORun:
     """Base, frozen parents, the policy adapter, data and trainer; nothing trained yet."""
+    from datasets import Dataset
     from transformers import set_seed
     from trl import DPOConfig as TrlDPOConfig
     tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
@@ -180,18 +182,21 @@ def setup(config: DPOConfig) -> DPORun:
     model, stack = build_stack(config, model, manifest["base"]["fingerprint"])
     manifest["parent"] = stack.parents
     d = config.dpo
-    args = TrlDPOConfig(**trainer_kwargs(config, run_dir()), max_length=config.data.max_length,
-                        beta=d.beta, label_smoothing=d.label_smoothing, **loss_terms(d))
+    during = eval_pairs if eval_pairs and config.train.eval_steps else None  # else evaluated at the end
+    scratch = run_dir()
+    args = TrlDPOConfig(**trainer_kwargs(config, scratch, has_eval=during is not None),
+                        max_length=config.data.max_length, beta=d.beta, label_smoothing=d.label_smoothing,
+                        **loss_terms(d))
     saved = snapshot_adapters(model)
     trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train_ds,
-                               processing_class=tokenizer)
+                               processing_class=tokenizer, eval_dataset=Dataset.from_list(during) if during else None)
     restore_adapters(trainer.model, saved, stack)
-    quiet_trainer(trainer, config)
+    prepare_trainer(trainer, config)
     keep_adapters_fp32(trainer.model)  # ``default`` trains in fp32 (common.py)
     trainer.reference = stack.reference
     if d.precompute_ref_logps:
         precompute_reference(trainer, config.train.batch_size)
-    return DPORun(config, trainer, stack, eval_pairs, manifest, report, reward_dir)
+    return DPORun(config, trainer, stack, eval_pairs, manifest, report, reward_dir, scratch)
 
 
 # -- evaluation against the parent ---------------------------------------------------------------
@@ -249,7 +254,7 @@ def last_logged(history: list[dict]) -> dict:
 
 
 def train(run: DPORun):
-    return run.trainer.train()
+    return train_trainer(run.trainer, run.config)
 
 
 def finish(run: DPORun, result) -> AdapterRecord:
@@ -257,7 +262,7 @@ def finish(run: DPORun, result) -> AdapterRecord:
     config, trainer, stack = run.config, run.trainer, run.stack
     model, tokenizer = trainer.model, trainer.processing_class
     history = trainer.state.log_history
-    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    shutil.rmtree(run.scratch, ignore_errors=True)
     model.eval()
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, **run.report,
                **last_logged(history)}
@@ -268,7 +273,7 @@ def finish(run: DPORun, result) -> AdapterRecord:
     activate(model, stack.policy, [ADAPTER])
 
     def extra(tmp) -> None:
-        plot_curves(tmp / "dpo.png", history_series(history, ["loss", *LOGGED]), "DPO (train)")
+        plot_curves(tmp / "dpo.png", history_series(history, ["loss", *LOGGED, "eval_loss"]), "DPO (train)")
 
     manifest = {**run.manifest, "metrics": metrics,
                 "dpo": {"mode": config.dpo.mode, "policy_stack": stack.policy,

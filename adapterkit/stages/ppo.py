@@ -32,16 +32,21 @@ from adapterkit.adapters import save_adapter
 from adapterkit.config import PPOConfig
 from adapterkit.evaluate import compare_to_parent, generate
 from adapterkit.plots import plot_curves
-from adapterkit.stages.common import (AdapterRecord, check_finite, load_splits, load_stage_tokenizer, run_stage,
-                                      save_stage_artifact)
+from adapterkit.stages.common import (AdapterRecord, check_finite, load_splits, load_stage_tokenizer,
+                                      resume_checkpoint, run_stage, save_stage_artifact)
 from adapterkit.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.stages.ppo_model import POLICY, SharedBase, build_model
 from adapterkit.stages.ppo_rollout import Rollout, gather_logprobs, rollout, score_rollout  # noqa: F401
 from adapterkit.tokens import prompt_ids
 
 log = logging.getLogger("adapterkit")
-CURVES = {"reward": "reward (train)", "eval_score": "held-out score", "kl": "KL to parent (train)",
-          "entropy": "entropy", "value_loss": "value loss"}  # ppo_log.jsonl key -> ppo.png panel
+# ppo_log.jsonl key -> ppo.png panel. The log's "kl" is the train KL (sampled responses, the
+# KL-shaped reward's estimator); the manifest's "kl" is the held-out KL (greedy responses to
+# data.eval, as DPO reports it): two quantities, named apart wherever they are shown.
+CURVES = {"reward": "reward (train) and held-out score", "kl": "train KL to parent (sampled)",
+          "entropy": "entropy", "value_loss": "value loss"}
+TRACKED = ("reward", "kl", "entropy", "value_loss", "policy_loss", "clip_fraction", "approx_kl",
+           "response_length", "kl_coef", "eval_score")  # what accelerate's trackers get, per step
 
 
 @dataclass
@@ -75,7 +80,10 @@ def setup(config: PPOConfig) -> PPORun:
     from transformers import get_scheduler
     t, p = config.train, config.ppo
     acc = Accelerator(gradient_accumulation_steps=t.grad_accum, kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
+        DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
+        log_with=config.trackers or None, project_dir=str(config.logging_dir) if config.trackers else None)
+    if config.trackers:  # train.report_to: the trainer stages' trackers, through accelerate
+        acc.init_trackers(config.output.name or "ppo", config=tracked_config(config))
     torch.manual_seed(t.seed)
     tokenizer = load_stage_tokenizer(config)  # template and data errors before the model loads
     train_rows, eval_rows = load_splits(config, ("prompt",), tokenizer)
@@ -95,9 +103,18 @@ def setup(config: PPOConfig) -> PPORun:
               else losses.FixedKLController(p.kl_coef))
     run = PPORun(config, acc, model, tokenizer, optimizer, scheduler, kl_ctl, prompts, evals,
                  total, manifest, raw)
-    if p.resume_from:
-        load_checkpoint(run, p.resume_from)
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is not None:
+        log.info("ppo: resuming from %s", checkpoint)
+        load_checkpoint(run, checkpoint)
     return run
+
+
+def tracked_config(config: PPOConfig) -> dict:
+    """The recipe's scalars, flattened (``ppo.kl_coef``), as trackers take hyperparameters."""
+    flat = {f"{section}.{k}": v for section, values in config.model_dump(mode="json").items()
+            if isinstance(values, dict) for k, v in values.items()}
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
 
 
 # -- train -------------------------------------------------------------------------------------
@@ -197,7 +214,7 @@ def train(run: PPORun) -> None:
     (``ppo.eval_every``; early stopping after ``ppo.patience`` without a new best) and
     checkpoints."""
     from tqdm.auto import tqdm
-    p, acc = run.config.ppo, run.accelerator
+    p, acc, save_steps = run.config.ppo, run.accelerator, run.config.train.save_steps
     bar = tqdm(total=run.total_steps, initial=run.step, desc="ppo", dynamic_ncols=True,
                disable=not (run.config.train.progress and acc.is_main_process))
     evaluating = p.eval_every and run.eval_prompts
@@ -209,16 +226,18 @@ def train(run: PPORun) -> None:
     while run.step < run.total_steps and not patience_spent(run):
         entry = train_step(run)
         check_finite(entry, f"ppo step {run.step}", "the last good checkpoint is kept"
-                     if p.checkpoint_every else "nothing was saved")
+                     if save_steps else "nothing was saved")
         if evaluating and (run.step % p.eval_every == 0 or run.step == run.total_steps):
             entry["eval_score"] = record_eval(run)
         bar.update(1)
-        bar.set_postfix(reward=f"{entry['reward']:.3f}", kl=f"{entry['kl']:.3f}",
+        bar.set_postfix(reward=f"{entry['reward']:.3f}", train_kl=f"{entry['kl']:.3f}",
                         vloss=f"{entry['value_loss']:.3f}", clip=f"{entry['clip_fraction']:.2f}",
                         **({"held_out": f"{entry['eval_score']:.3f}"} if "eval_score" in entry else {}))
         if run.step % run.config.train.logging_steps == 0:
             log.info("ppo %s", json.dumps(entry))
-        if p.checkpoint_every and run.step % p.checkpoint_every == 0:
+            if run.config.trackers:
+                acc.log({k: entry[k] for k in TRACKED if k in entry}, step=run.step)
+        if save_steps and run.step % save_steps == 0:
             save_checkpoint(run)
     bar.close()
 
@@ -299,14 +318,19 @@ def finish(run: PPORun, result=None) -> AdapterRecord:
             metrics |= {"best_step": run.best["step"], "best_eval_score": run.best["eval_score"]}
 
         def extra(tmp: Path) -> None:
-            points = {k: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
-            points["eval_score"] = [(e["step"], e["eval_score"]) for e in run.evals]
-            plot_curves(tmp / "ppo.png", {CURVES[k]: v for k, v in points.items()}, "PPO")
+            points = {CURVES[k]: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
+            judge = "scorer" if run.config.ppo.scorer is not None else "reward"
+            points[CURVES["reward"]] = {  # one panel: over-optimisation shows as the lines parting
+                "reward (train)": points[CURVES["reward"]],
+                f"held-out score ({judge})": [(e["step"], e["eval_score"]) for e in run.evals]}
+            plot_curves(tmp / "ppo.png", points, "PPO")
             (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
         save_stage_artifact(run.config, {**run.manifest, "metrics": metrics, "evals": run.evals},
                             lambda tmp: save_adapter(run.roles.peft, POLICY, tmp), extra)
     acc.wait_for_everyone()
+    if run.config.trackers:
+        acc.end_training()
     return AdapterRecord.from_dir(run.config.output.dir)
 
 

@@ -1,6 +1,8 @@
 """PPO checkpoints: safetensors for tensors, JSON for the rest (no pickle). A resumed run
 continues at the step after the checkpoint, with the same optimizer, scheduler, KL
-coefficient, evaluations and best policy."""
+coefficient, evaluations and best policy. They use every stage's keys and layout
+(``checkpoints.py``): ``train.save_steps``, ``train.checkpoint_dir``/checkpoint-<step>,
+``train.save_total_limit``, ``train.resume_from``."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapterkit.artifact import atomic_dir
+from adapterkit.checkpoints import PREFIX, rotate
 from adapterkit.errors import DataError
 from adapterkit.stages.ppo_model import POLICY, VALUE
 
@@ -24,8 +27,9 @@ def save_checkpoint(run: PPORun) -> None:
     from safetensors.torch import save_file
     if not run.accelerator.is_main_process:
         return
-    out = Path(run.config.ppo.checkpoint_dir or f"{run.config.output.dir}.checkpoint")
-    with atomic_dir(out) as tmp:
+    root = run.config.checkpoint_dir
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(root / f"{PREFIX}{run.step}") as tmp:
         weights = {f"{name}/{k}": v for name in (POLICY, VALUE)
                    for k, v in get_peft_model_state_dict(run.roles.peft, adapter_name=name).items()}
         weights["value_head.weight"] = run.roles.value_head.weight
@@ -42,6 +46,7 @@ def save_checkpoint(run: PPORun) -> None:
                 "param_groups": state["param_groups"], "scheduler": run.scheduler.state_dict(),
                 "optimizer_scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    rotate(root, run.config.train.save_total_limit)
 
 
 def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:

@@ -29,8 +29,8 @@ from adapterkit.config import RewardConfig
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.scorer import HEAD, batch_scores, pair_metrics
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
-                                      load_stage_tokenizer, quiet_trainer, run_dir, run_stage,
-                                      save_stage_artifact, trainer_kwargs)
+                                      load_stage_tokenizer, prepare_trainer, run_dir, run_stage,
+                                      save_stage_artifact, trainer_kwargs, train_trainer)
 from adapterkit.tokens import conversation_ids, model_device
 
 SCORES_FILE = "eval_scores.json"
@@ -77,6 +77,7 @@ class RewardRun:
 
 def setup(config: RewardConfig) -> RewardRun:
     """Tokenizer, tokenized pairs, the base as a classifier with its LoRA, and the trainer."""
+    from datasets import Dataset
     from trl import RewardConfig as TrlRewardConfig, RewardTrainer
     tokenizer = load_stage_tokenizer(config)
     train_ds, eval_pairs, report = setup_data(config, tokenizer)
@@ -84,16 +85,18 @@ def setup(config: RewardConfig) -> RewardRun:
     manifest = base_manifest(config, model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # where the classifier reads its score
     scratch = run_dir()
-    args = TrlRewardConfig(**trainer_kwargs(config, scratch), max_length=None,
+    during = eval_pairs if eval_pairs and config.train.eval_steps else None  # else evaluated at the end
+    args = TrlRewardConfig(**trainer_kwargs(config, scratch, has_eval=during is not None), max_length=None,
                            center_rewards_coefficient=config.reward.center_rewards_coefficient)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
-    quiet_trainer(trainer, config)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                            eval_dataset=Dataset.from_list(during) if during else None)
+    prepare_trainer(trainer, config)
     keep_adapters_fp32(trainer.model)  # trl made them bf16
     return RewardRun(config, trainer, eval_pairs, manifest, report, scratch)
 
 
 def train(run: RewardRun):
-    return run.trainer.train()
+    return train_trainer(run.trainer, run.config)
 
 
 def finish(run: RewardRun, result) -> AdapterRecord:
@@ -111,7 +114,8 @@ def finish(run: RewardRun, result) -> AdapterRecord:
     def extra(tmp: Path) -> None:
         if scores:
             (tmp / SCORES_FILE).write_text(json.dumps(scores))
-        plot_curves(tmp / "reward.png", history_series(history, ["loss", "accuracy", "margin"]),
+        plot_curves(tmp / "reward.png", history_series(history, ["loss", "accuracy", "margin", "eval_loss",
+                                                                 "eval_accuracy"]),
                     "reward model (train)")
 
     return save_stage_artifact(

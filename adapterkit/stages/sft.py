@@ -17,8 +17,8 @@ from adapterkit.config import SFTConfig
 from adapterkit.data import has_generation_markers, split_last_turn
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
-                                      load_stage_tokenizer, quiet_trainer, run_dir, run_stage,
-                                      save_stage_artifact, trainer_kwargs)
+                                      load_stage_tokenizer, prepare_trainer, run_dir, run_stage,
+                                      save_stage_artifact, trainer_kwargs, train_trainer)
 
 log = logging.getLogger("adapterkit")
 SFT_FORMATS = ("messages", "prompt_completion", "text")
@@ -30,8 +30,8 @@ def setup_data(config: SFTConfig, tokenizer):
     train, evals = load_splits(config, SFT_FORMATS, tokenizer)
     assistant_only = train.format == "messages" and has_generation_markers(tokenizer)
     if train.format == "messages" and not assistant_only:
-        log.warning("the chat template has no {%% generation %%} markers: training on the last "
-                    "assistant turn of each conversation only")
+        log.warning("the chat template has no %s markers: training on the last assistant turn of "
+                    "each conversation only", "{% generation %}")
     def to_ds(loaded):
         rows = loaded.rows
         if loaded.format == "messages" and not assistant_only:
@@ -68,20 +68,20 @@ def setup(config: SFTConfig) -> SFTRun:
     model = get_peft_model(model, lora_config(config))
     scratch = run_dir()
     args = TrlSFTConfig(
-        **trainer_kwargs(config, scratch), max_length=config.data.max_length,
+        **trainer_kwargs(config, scratch, has_eval=eval_ds is not None, per_epoch_eval=True),
+        max_length=config.data.max_length,
         packing=config.train.packing, padding_free=config.train.padding_free,
         assistant_only_loss=assistant_only, completion_only_loss=None,
-        eval_strategy="epoch" if eval_ds is not None else "no",
         pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
-    quiet_trainer(trainer, config)
+    prepare_trainer(trainer, config)
     keep_adapters_fp32(trainer.model)
     return SFTRun(config, trainer, manifest, report, scratch)
 
 
 def train(run: SFTRun):
-    return run.trainer.train()
+    return train_trainer(run.trainer, run.config)
 
 
 def finish(run: SFTRun, result) -> AdapterRecord:
