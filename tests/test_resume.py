@@ -86,7 +86,8 @@ def test_dpo_killed_then_resumed_equals_an_uninterrupted_run(sft_adapter, tmp_pa
     resumed, _ = killed_resumed_and_straight("dpo", "tiny_dpo", tmp_path, "data.eval=null", "dpo.prompts=null",
                                              f"dpo.parent={json.dumps([str(sft_adapter.path)])}")
     parent = adapter_weights(sft_adapter.path)  # the frozen parent is untouched by the resume
-    assert resumed.manifest["parent"][0]["path"] == str(sft_adapter.path)
+    # paths in a manifest are relative to the artifact (issue 12): the parent is the same folder
+    assert (resumed.path / resumed.manifest["parent"][0]["path"]).resolve() == sft_adapter.path.resolve()
     assert parent
 
 
