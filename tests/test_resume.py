@@ -49,12 +49,12 @@ def kill_after_first_checkpoint(stage: str, recipe: str, overrides: list[str], c
 
 
 PICKLES = {".pt", ".pth", ".bin", ".pkl", ".pickle"}
-TEXT = {".json", ".safetensors", ".txt", ".model", ".jinja", ".md"}  # + tokenizer and adapter config text
+TEXT = {".json", ".safetensors", ".txt", ".model", ".jinja", ".md"}  # + tokenizer and adapter text (README.md)
 
 
 def assert_no_pickle(checkpoint: Path) -> None:
     """Every file in a checkpoint is safetensors, JSON or tokenizer/adapter text: no torch pickle."""
-    files = sorted(p.name for p in checkpoint.iterdir())
+    files = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())  # DPO: parents' subfolders
     assert {"adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
             "rng_state.safetensors", "rng_state.json", "trainer_state.json"} <= set(files), files
     assert not [f for f in files if Path(f).suffix in PICKLES], files
