@@ -1,4 +1,4 @@
-"""Every private name of bitsandbytes and trl that adapterkit touches, and nothing else.
+"""Every private name of bitsandbytes, transformers and trl that adapterkit touches, and nothing else.
 
 adapterkit is written for the versions pinned in pyproject.toml (``WRITTEN_FOR``). Each private
 name is looked up through ``private``: when an upgrade moves or removes one, the run stops here
@@ -6,25 +6,30 @@ with a ``CompatError`` that names the package, its version, the name and this fi
 of failing somewhere else or, worse, silently computing something different. A version
 outside the tested range is logged once as a warning (the names may still be there).
 
-Used by ``quant.py`` (bitsandbytes' CPU 4-bit internals) and ``stages/dpo.py`` /
-``stages/reward.py`` (trl's DPO loss entry point and init side effects, a warning filter).
+Used by ``quant.py`` (bitsandbytes' CPU 4-bit internals), ``stages/dpo.py`` /
+``stages/reward.py`` (trl's DPO loss entry point and init side effects, a warning filter) and
+``stages/common.py`` (transformers' Trainer checkpoint hooks: safetensors and JSON, no pickle).
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
+import os
+import types
 from importlib import metadata
+from pathlib import Path
 
 from adapterkit.errors import AdapterkitError
 
 log = logging.getLogger("adapterkit")
 
-WRITTEN_FOR = {"bitsandbytes": "0.50", "trl": "1.16"}  # major.minor, as pinned in pyproject.toml
+WRITTEN_FOR = {"bitsandbytes": "0.50", "transformers": "5.24", "trl": "1.16"}  # major.minor, as pinned in pyproject.toml
 
 
 class CompatError(AdapterkitError):
-    """A private name of bitsandbytes or trl that adapterkit relies on is not there."""
+    """A private name of bitsandbytes, transformers or trl that adapterkit relies on is not there."""
 
 
 @functools.cache
@@ -51,6 +56,7 @@ def check_all() -> None:
     for module, name in NAMES:
         private(module, name)
     dpo_loss_entry(DPOTrainer)
+    trainer_checkpoint_hooks()
 
 
 @functools.cache
@@ -157,3 +163,100 @@ def with_reference_in_batch(trainer_class, add_reference):
             reference_from_batch(self, False)
 
     return type(trainer_class.__name__, (trainer_class,), {name: compute, "__doc__": trainer_class.__doc__})
+
+
+# -- transformers: the Trainer's checkpoint files (see checkpoints.py) ------------------------------
+
+# The private Trainer methods that write and read a checkpoint's files, with their parameters in
+# transformers 5.24. ``_save_checkpoint`` (transformers' order: model, optimizer and scheduler,
+# scaler, RNG, then trainer_state.json last; trl's model card first) and the training loop's
+# calls stay transformers'; only the files change: safetensors and JSON instead of
+# optimizer.pt, scheduler.pt, scaler.pt, rng_state.pth and training_args.bin (pickles).
+TRAINER_CHECKPOINT_HOOKS = {
+    "_save": ("output_dir", "state_dict"),
+    "_save_optimizer_and_scheduler": ("output_dir",),
+    "_save_scaler": ("output_dir",),
+    "_save_rng_state": ("output_dir",),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    "_load_scaler": ("checkpoint",),
+    "_load_rng_state": ("checkpoint",),
+}
+
+
+def trainer_checkpoint_hooks(trainer_class=None) -> None:
+    """Check that transformers' Trainer still has each hook, with the same parameters."""
+    if trainer_class is None:
+        from transformers import Trainer as trainer_class
+    version = check_version("transformers")
+    for name, params in TRAINER_CHECKPOINT_HOOKS.items():
+        method = getattr(trainer_class, name, None)
+        found = tuple(inspect.signature(method).parameters)[1:] if callable(method) else None
+        if found != params:
+            raise CompatError(f"transformers {version}: Trainer.{name} is "
+                              f"{'missing' if found is None else 'now (' + ', '.join(found) + ')'}, not "
+                              f"({', '.join(params)}); adapterkit replaces it to write checkpoints without pickle "
+                              f"and was written for transformers {WRITTEN_FOR['transformers']}.x: install that "
+                              "version, or update adapterkit/_compat.py")
+
+
+def safetensors_checkpoints(trainer, load_adapter) -> None:
+    """Make a transformers/trl trainer write and read its checkpoints as safetensors and JSON
+    (``checkpoints.py`` lists the files): its file hooks are replaced on this instance.
+    ``load_adapter(trainer, folder, model)`` restores the trained weights on resume."""
+    from adapterkit import checkpoints as ck
+    trainer_checkpoint_hooks(type(trainer))
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Trainer._save without training_args.bin: the model's save_pretrained (the PEFT
+        adapter as safetensors) and the tokenizer."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True,
+                              is_main_process=self.args.should_save)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self.args.should_save:
+            ck.save_optimizer(self.optimizer, Path(output_dir))
+            ck.save_state_dict_json(self.lr_scheduler, Path(output_dir) / "scheduler.json")
+
+    def _save_scaler(self, output_dir):
+        scaler = getattr(self.accelerator, "scaler", None)
+        if self.args.should_save and scaler is not None:
+            ck.save_state_dict_json(scaler, Path(output_dir) / "scaler.json")
+
+    def _save_rng_state(self, output_dir):
+        os.makedirs(output_dir, exist_ok=True)  # another process may not have made it yet
+        from transformers.training_args import ParallelMode
+        ck.save_rng(Path(output_dir), ck.rng_name(self.args.process_index, self.args.world_size),
+                    cuda_all=self.args.parallel_mode == ParallelMode.DISTRIBUTED)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_adapter(self, resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return
+        ck.load_optimizer(self.optimizer, Path(checkpoint))
+        ck.load_state_dict_json(self.lr_scheduler, Path(checkpoint) / "scheduler.json")
+
+    def _load_scaler(self, checkpoint):
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None:
+            ck.load_state_dict_json(scaler, Path(checkpoint) / "scaler.json")
+
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is not None and not ck.load_rng(Path(checkpoint), ck.rng_name(self.args.process_index,
+                                                                                     self.args.world_size)):
+            log.warning("%s: no RNG state for this process; the resumed run may differ from an "
+                        "uninterrupted one", checkpoint)
+
+    hooks = {name: fn for name, fn in locals().items() if name in TRAINER_CHECKPOINT_HOOKS}
+    assert hooks.keys() == TRAINER_CHECKPOINT_HOOKS.keys()
+    for name, fn in hooks.items():
+        setattr(trainer, name, types.MethodType(fn, trainer))

@@ -20,3 +20,15 @@ def test_a_missing_private_name_fails_naming_it_and_compat():
 def test_a_dpo_trainer_without_the_loss_entry_is_refused():
     with pytest.raises(_compat.CompatError, match="DPOTrainer has no _compute_loss"):
         _compat.dpo_loss_entry(object)
+
+
+def test_a_trainer_whose_checkpoint_hooks_changed_is_refused():
+    from transformers import Trainer
+
+    class Moved(Trainer):
+        def _save_rng_state(self, folder):  # a parameter renamed: our replacement would not fit
+            pass
+
+    _compat.trainer_checkpoint_hooks(Trainer)
+    with pytest.raises(_compat.CompatError, match=r"Trainer\._save_rng_state is now \(folder\).*_compat\.py"):
+        _compat.trainer_checkpoint_hooks(Moved)

@@ -116,10 +116,13 @@ def prepare_trainer(trainer, config: StageConfig) -> None:
       dicts (those only with ``adapterkit -v``); ``train.progress=false``: nothing at all;
     - a stop on a NaN or infinite loss (``stop_on_nonfinite``);
     - tracking: the trackers' local files in ``config.logging_dir`` (not the scratch folder);
+    - checkpoints as safetensors and JSON, no pickle (``checkpoints.py`` lists the files;
+      ``_compat.safetensors_checkpoints`` replaces transformers' file hooks);
     - resume: the trained adapter (``default``) restored by name from a checkpoint, however many
       frozen adapters sit beside it (transformers would load it into the first active one)."""
-    import types
     from transformers import PrinterCallback, ProgressCallback
+
+    from adapterkit import _compat
     stop_on_nonfinite(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -130,7 +133,7 @@ def prepare_trainer(trainer, config: StageConfig) -> None:
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
             callback.logging_dir = str(config.logging_dir)
-    trainer._load_from_checkpoint = types.MethodType(_load_adapter_checkpoint, trainer)
+    _compat.safetensors_checkpoints(trainer, load_adapter=_load_adapter_checkpoint)
 
 
 def _progress_bar(stage: str):
@@ -161,7 +164,7 @@ def _progress_bar(stage: str):
 
 
 def _load_adapter_checkpoint(trainer, checkpoint: str, model=None) -> None:
-    """``Trainer._load_from_checkpoint`` for our PEFT models: the checkpoint's root adapter is
+    """The trained weights from a checkpoint, for our PEFT models: the checkpoint's root adapter is
     ``default`` (the one that trains), loaded into the existing weights, so their dtype (fp32,
     ``keep_adapters_fp32``) and the frozen parents stay as they are."""
     from peft.utils import load_peft_weights, set_peft_model_state_dict

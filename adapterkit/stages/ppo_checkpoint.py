@@ -10,10 +10,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from adapterkit.artifact import atomic_dir
-from adapterkit.checkpoints import PREFIX, rotate
+from adapterkit.checkpoints import PREFIX, flatten_optimizer, rotate, unflatten_optimizer
 from adapterkit.errors import DataError
 from adapterkit.stages.ppo_model import POLICY, VALUE
 
@@ -37,14 +35,12 @@ def save_checkpoint(run: PPORun) -> None:
             weights.update({f"best/{k}": v for k, v in run.best["weights"].items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   tmp / "adapters.safetensors")
-        state = run.optimizer.state_dict()  # {"state": {i: {name: value}}, "param_groups": [...]}
-        flat = {f"{i}/{k}": v for i, s in state["state"].items() for k, v in s.items()}
-        save_file({k: v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)},
-                  tmp / "optimizer.safetensors")
+        tensors, optimizer = flatten_optimizer(run.optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
         meta = {"step": run.step, "kl_coef": run.kl_ctl.value, "history": run.history, "evals": run.evals,
                 "best": None if run.best is None else {k: run.best[k] for k in ("step", "eval_score")},
-                "param_groups": state["param_groups"], "scheduler": run.scheduler.state_dict(),
-                "optimizer_scalars": {k: v for k, v in flat.items() if not torch.is_tensor(v)}}
+                "param_groups": optimizer["param_groups"], "scheduler": run.scheduler.state_dict(),
+                "optimizer_scalars": optimizer["scalars"]}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
     rotate(root, run.config.train.save_total_limit)
 
@@ -62,12 +58,9 @@ def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:
         set_peft_model_state_dict(run.roles.peft, {k.split("/", 1)[1]: v for k, v in weights.items()
                                                    if k.startswith(f"{name}/")}, adapter_name=name)
     run.roles.value_head.weight.data.copy_(weights["value_head.weight"])
-    state: dict = {}
-    optimizer = load_file(str(path / "optimizer.safetensors"))
-    for key, v in [*optimizer.items(), *meta["optimizer_scalars"].items()]:
-        i, k = key.split("/", 1)
-        state.setdefault(int(i), {})[k] = v
-    run.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    run.optimizer.load_state_dict(unflatten_optimizer(
+        load_file(str(path / "optimizer.safetensors")),
+        {"param_groups": meta["param_groups"], "scalars": meta["optimizer_scalars"]}))
     run.scheduler.load_state_dict(meta["scheduler"])
     run.kl_ctl.value, run.step, run.history = meta["kl_coef"], meta["step"], meta["history"]
     run.evals = meta.get("evals", [])
