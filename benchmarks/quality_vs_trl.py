@@ -171,17 +171,18 @@ def trl_sft(home: Path, task, out: Path, quant: str) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def trl_reward(home: Path, task, out: Path, quant: str) -> dict:
+def trl_reward(home: Path, task, out: Path, quant: str, amp: bool = False, **overrides) -> dict:
+    """``amp``: a bf16 base under bf16 autocast (what a GPU run with ``bf16=True`` does)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
-    r = {**recipe("reward"), **task.PEER.get("reward", {})}
+    r = {**recipe("reward"), **task.PEER.get("reward", {}), **overrides}
     # trl casts the trainable weights of a quantized model, the score head too, to bf16 (QLoRA);
     # with fp32 compute the bf16 head then fails on fp32 hidden states, so the peer's 4-bit
     # run is trl's QLoRA recipe as documented: bf16 compute (this CPU has AVX512-BF16)
-    dtype = torch.float32 if quant == "none" else torch.bfloat16
-    args = RewardConfig(**peer_common(out, r), max_length=r["max_length"],
+    dtype = torch.float32 if quant == "none" and not amp else torch.bfloat16
+    args = RewardConfig(**{**peer_common(out, r), "bf16": amp}, max_length=r["max_length"],
                         model_init_kwargs={"dtype": dtype, "device_map": {"": "cpu"}})
     start = time.perf_counter()
     trainer = RewardTrainer(model=str(home / "base"), args=args,

@@ -4,7 +4,8 @@ demonstrations with a systematic demonstrator mistake, preference pairs (correct
 mistake), held-out prompts, and names a ground-truth scorer with trl's reward-function signature.
 
 - ``tiny``: adapterkit's embedded "flip" task (``adapterkit/tiny.py``);
-- ``reverse``: reverse a list of words; the demonstrator rotates instead (below).
+- ``reverse``: reverse a list of words; the demonstrator rotates instead (below);
+- ``reverse_long``: reverse's preference pairs behind long system messages (reward only).
 """
 from __future__ import annotations
 
@@ -180,3 +181,43 @@ def build_reverse(home: Path, seed: int) -> None:
 
 TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks:reverse_reward",
                                    OVERRIDES={}, PEER={})
+
+
+# -- "reverse_long": the same pairs behind a long system message -------------------------------
+#
+# For the reward stage only: every conversation starts with a system message of 0-100 filler
+# words, so about half of the pairs are longer than the recipe's max_length (64 tokens) and
+# the length policy decides what the reward model sees. adapterkit runs it with
+# data.on_long=truncate; trl's RewardTrainer drops pairs over max_length.
+
+FILLER = ["the", "list", "reversed", "is", "comes", "before", "."]
+
+
+def build_reverse_long(home: Path, seed: int) -> None:
+    import json
+    import os
+    import random
+    if (home / "task.json").is_file():
+        return
+    source = home.parent.parent / "reverse" / f"seed{seed}"
+    build_reverse(source, seed)
+    rng = random.Random(seed + 7)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "data").mkdir(exist_ok=True)
+    if not (home / "base").exists():
+        os.symlink(source / "base", home / "base")
+
+    def system():
+        return [{"role": "system", "content": " ".join(rng.choice(FILLER) for _ in range(rng.randint(0, 100)))}]
+    for split in ("preferences", "preferences_eval"):
+        out = []
+        for line in open(source / "data" / f"{split}.jsonl"):
+            row = json.loads(line)
+            out.append({**row, "prompt": system() + row["prompt"]})
+        with open(home / "data" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in out)
+    (home / "task.json").write_text(json.dumps({"task": "reverse_long", "source": str(source)}))
+
+
+TASKS["reverse_long"] = SimpleNamespace(build=build_reverse_long, SCORER="benchmarks.tasks:reverse_reward",
+                                        OVERRIDES={"reward": ["data.on_long=truncate"]}, PEER={})
