@@ -5,7 +5,8 @@ mistake), held-out prompts, and names a ground-truth scorer with trl's reward-fu
 
 - ``tiny``: adapterkit's embedded "flip" task (``adapterkit/tiny.py``);
 - ``reverse``: reverse a list of words; the demonstrator rotates instead (below);
-- ``reverse_long``: reverse's preference pairs behind long system messages (reward only).
+- ``reverse_long``: reverse's preference pairs behind long system messages (reward only);
+- ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO).
 """
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks
 
 # -- "reverse_long": the same pairs behind a long system message -------------------------------
 #
-# For the reward stage only: every conversation starts with a system message of 0-100 filler
+# For the reward stage only: every conversation starts with a system message of 1-100 filler
 # words, so about half of the pairs are longer than the recipe's max_length (64 tokens) and
 # the length policy decides what the reward model sees. adapterkit runs it with
 # data.on_long=truncate; trl's RewardTrainer drops pairs over max_length.
@@ -208,7 +209,7 @@ def build_reverse_long(home: Path, seed: int) -> None:
         os.symlink(source / "base", home / "base")
 
     def system():
-        return [{"role": "system", "content": " ".join(rng.choice(FILLER) for _ in range(rng.randint(0, 100)))}]
+        return [{"role": "system", "content": " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 100)))}]
     for split in ("preferences", "preferences_eval"):
         out = []
         for line in open(source / "data" / f"{split}.jsonl"):
@@ -221,3 +222,24 @@ def build_reverse_long(home: Path, seed: int) -> None:
 
 TASKS["reverse_long"] = SimpleNamespace(build=build_reverse_long, SCORER="benchmarks.tasks:reverse_reward",
                                         OVERRIDES={"reward": ["data.on_long=truncate"]}, PEER={})
+
+
+# -- "reverse_r4": reverse with 4 reward epochs on both sides ----------------------------------
+#
+# At the tiny recipe's 2 epochs a reverse reward model is undertrained (held-out accuracy
+# 0.6-0.8 over seeds, NF4 or not, either side) and PPO on it finds nothing. This task reuses
+# reverse's base, data and SFT adapters (run ``--task reverse --stages sft`` first) and trains
+# the reward models, both sides, for 4 epochs; then PPO.
+
+def build_reverse_r4(home: Path, seed: int) -> None:
+    import os
+    source = home.parent.parent / "reverse" / f"seed{seed}"
+    build_reverse(source, seed)
+    home.mkdir(parents=True, exist_ok=True)
+    for part in ("base", "data", "ak_sft"):
+        if not (home / part).exists():
+            os.symlink(source / part, home / part)
+
+
+TASKS["reverse_r4"] = SimpleNamespace(build=build_reverse_r4, SCORER="benchmarks.tasks:reverse_reward",
+                                      OVERRIDES={"reward": ["train.num_epochs=4"]}, PEER={"reward": {"epochs": 4}})
