@@ -12,6 +12,9 @@ setting, with optional adapterkit overrides after a colon (``ak_nf4:train.num_ep
   ``reuse_dequant_buffer``);
 - ``trl_none`` / ``trl_nf4``: ``trl.RewardTrainer`` + peft as in ``quality_vs_trl.py``
   (overrides after the colon map to the same hyper-parameters);
+- ``_from_sft`` in the name: the reward's LoRA starts from the task's adapterkit SFT adapter
+  (``ak_sft``, trained by ``quality_vs_trl.py``) instead of zero, as InstructGPT's reward model
+  starts from the SFT model (the head still starts random);
 - a ``_amp`` suffix (``ak_none_amp``, ``trl_none_amp``): a bf16 base under bf16 autocast, as a
   GPU run computes (``bf16=True``), here on the CPU's AVX512-BF16.
 
@@ -56,6 +59,19 @@ def run(task_name: str, seed: int, root: str, variant: str, tag: str = "") -> di
         if name == "ak_nf4_stock_bnb":
             patches.enter_context(mock.patch("adapterkit.quant.keep_compute_dtype", lambda m: 0))
             patches.enter_context(mock.patch("adapterkit.quant.reuse_dequant_buffer", lambda m: 0))
+        if "_from_sft" in name:  # the reward LoRA starts as the SFT adapter (InstructGPT's RM init)
+            import adapterkit.stages.reward as reward_stage
+            build = reward_stage.build_model
+
+            def build_from_sft(config):
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+                model = build(config)
+                sft = load_file(str(home / "ak_sft" / "adapter_model.safetensors"))
+                result = set_peft_model_state_dict(model, sft)
+                assert not result.unexpected_keys, result.unexpected_keys[:3]
+                return model
+            patches.enter_context(mock.patch.object(reward_stage, "build_model", build_from_sft))
         if name.endswith("_amp"):  # a GPU's bf16 autocast, on this CPU (AVX512-BF16)
             import adapterkit.stages.reward as reward_stage
             kwargs = reward_stage.trainer_kwargs

@@ -194,7 +194,7 @@ TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks
 FILLER = ["the", "list", "reversed", "is", "comes", "before", "."]
 
 
-def build_reverse_long(home: Path, seed: int) -> None:
+def build_reverse_long(home: Path, seed: int, max_words: int = 100) -> None:
     import json
     import os
     import random
@@ -209,7 +209,7 @@ def build_reverse_long(home: Path, seed: int) -> None:
         os.symlink(source / "base", home / "base")
 
     def system():
-        return [{"role": "system", "content": " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 100)))}]
+        return [{"role": "system", "content": " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, max_words)))}]
     for split in ("preferences", "preferences_eval"):
         out = []
         for line in open(source / "data" / f"{split}.jsonl"):
@@ -243,3 +243,11 @@ def build_reverse_r4(home: Path, seed: int) -> None:
 
 TASKS["reverse_r4"] = SimpleNamespace(build=build_reverse_r4, SCORER="benchmarks.tasks:reverse_reward",
                                       OVERRIDES={"reward": ["train.num_epochs=4"]}, PEER={"reward": {"epochs": 4}})
+
+
+# "reverse_short": the same, within the lengths the base was pretrained on: system messages of
+# 1-12 words and max_length 20 (on both sides), so about half the pairs are too long.
+TASKS["reverse_short"] = SimpleNamespace(
+    build=lambda home, seed: build_reverse_long(home, seed, max_words=12),
+    SCORER="benchmarks.tasks:reverse_reward",
+    OVERRIDES={"reward": ["data.on_long=truncate", "data.max_length=20"]}, PEER={"reward": {"max_length": 20}})
