@@ -2,7 +2,8 @@
 
     python benchmarks/quality_vs_trl.py --task tiny --seeds 0 1 2 3 4 \
         --out benchmarks/results/quality_vs_trl_cpu.json
-    python benchmarks/quality_vs_trl.py --task add --seeds 0 1 2 --out ...
+    python benchmarks/quality_vs_trl.py --task reverse --seeds 0 1 2 3 4 --peer-none --out ...
+    python benchmarks/quality_vs_trl.py --merge tiny.json reverse.json --out all.json
 
 For each seed a base is built for the task (``benchmarks/tasks.py``; a tiny seed stands in for
 another CPU's float rounding), then on it, with the hyper-parameters of the shipped tiny
@@ -339,7 +340,12 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/adapterkit-quality", help="bases, adapters, per-seed results")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out")
+    ap.add_argument("--merge", nargs="+", metavar="REPORT", help="only combine these reports (one per task) into --out")
     args = ap.parse_args()
+    if args.merge:
+        reports = [json.loads(Path(f).read_text()) for f in args.merge]
+        Path(args.out).write_text(json.dumps({r["task"]: r for r in reports}, indent=2) + "\n")
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     variants = ("peer_none",) if args.peer_none else ()
     with ProcessPoolExecutor(args.jobs) as pool:
