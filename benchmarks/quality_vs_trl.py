@@ -1,9 +1,10 @@
 """Quality against the peer: adapterkit vs plain trl + peft, same base, data and budget.
 
-    python benchmarks/quality_vs_trl.py --task tiny --seeds 0 1 2 3 4 \
-        --out benchmarks/results/quality_vs_trl_cpu.json
-    python benchmarks/quality_vs_trl.py --task reverse --seeds 0 1 2 3 4 --peer-none --out ...
+    python benchmarks/quality_vs_trl.py --task tiny --seeds 0 1 2 --peer-none --out tiny.json
+    python benchmarks/quality_vs_trl.py --task reverse --seeds 0 1 2 3 4 --peer-none --out reverse.json
     python benchmarks/quality_vs_trl.py --merge tiny.json reverse.json --out all.json
+
+Per-stage results are kept in ``--root``/<task>/seed<N>/results.json: a rerun continues there.
 
 For each seed a base is built for the task (``benchmarks/tasks.py``; a tiny seed stands in for
 another CPU's float rounding), then on it, with the hyper-parameters of the shipped tiny
