@@ -112,3 +112,25 @@ def test_bad_pair_is_refused_before_training(tiny_dir, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl, row 2, field 'rejected\[0\]\.role'"):
         train_reward(load_config("reward", "tiny_reward", [f"data.train={bad}", f"output.dir={out}"]))
     assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_long_pairs_keep_their_end(tiny_dir, tmp_path):
+    """data.on_long=truncate cuts a long pair's prompt from the start: both sides keep their
+    responses and EOS (the token the head reads) and stay different."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.common import load_stage_tokenizer
+    from adapterkit.stages.reward import setup_data
+    rows = load_jsonl(tiny_dir / "data" / "preferences_eval.jsonl")[:4]
+    for r in rows:
+        r["prompt"] = [{"role": "system", "content": " ".join(["hot cold"] * 40)}] + r["prompt"]
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config("reward", "tiny_reward", [f"data.train={long}", "data.eval=null",
+                                                   "data.on_long=truncate", "data.max_length=32"])
+    tokenizer = load_stage_tokenizer(config)
+    train, _, report = setup_data(config, tokenizer)
+    assert report["truncated"] == 4
+    for pair in train:
+        assert len(pair["chosen_ids"]) == len(pair["rejected_ids"]) == 32
+        assert pair["chosen_ids"][-1] == pair["rejected_ids"][-1] == tokenizer.eos_token_id
+        assert pair["chosen_ids"] != pair["rejected_ids"]

@@ -38,14 +38,23 @@ SCORES_FILE = "eval_scores.json"
 
 # -- training ------------------------------------------------------------------------------------
 
+def keep_end(ids: list[int], max_length: int) -> list[int]:
+    """A sequence cut to its last ``max_length`` tokens. The head reads the last token, and a
+    pair's two sides differ at the end (same prompt, different responses): cutting the end
+    off instead leaves the head reading a mid-prompt token, and a pair whose prompt fills
+    ``max_length`` becomes two identical sequences (no signal; a tie, scored as wrong)."""
+    return list(ids)[-max_length:]
+
+
 def setup_data(config: RewardConfig, tokenizer):
-    """Pairs tokenized here (so scoring uses the very same ids), cut to ``data.max_length``."""
+    """Pairs tokenized here (so scoring uses the very same ids); a pair longer than
+    ``data.max_length`` (``data.on_long=truncate``) loses the start of its prompt (``keep_end``)."""
     from datasets import Dataset
     d = config.data
     train, evals = load_splits(config, ("preference",), tokenizer)
 
     def tokenized(rows):
-        return [{key: conversation_ids(tokenizer, r.get("prompt"), r[key.removesuffix("_ids")])[:d.max_length]
+        return [{key: keep_end(conversation_ids(tokenizer, r.get("prompt"), r[key.removesuffix("_ids")]), d.max_length)
                  for key in ("chosen_ids", "rejected_ids")} for r in rows]
     report = {"train_rows": len(train.rows), **train.report}
     return Dataset.from_list(tokenized(train.rows)), (tokenized(evals.rows) if evals else None), report

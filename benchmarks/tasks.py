@@ -1,0 +1,253 @@
+"""Task families for the quality benchmark (``quality_vs_trl.py``): each builds, for a seed, a
+pretrained tiny base that knows the task's language but not its chat task, plus SFT
+demonstrations with a systematic demonstrator mistake, preference pairs (correct over the
+mistake), held-out prompts, and names a ground-truth scorer with trl's reward-function signature.
+
+- ``tiny``: adapterkit's embedded "flip" task (``adapterkit/tiny.py``);
+- ``reverse``: reverse a list of words; the demonstrator rotates instead (below);
+- ``reverse_long``: reverse's preference pairs behind long system messages (reward only);
+- ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def build_tiny_seed(home: Path, seed: int) -> None:
+    """adapterkit's tiny build for ``seed``; a prebuilt copy in $TINY_PREBUILT/seed<N> is reused."""
+    import os
+    from adapterkit.tiny import TinySpec, build_tiny
+    if (home / "tiny.json").is_file():
+        return
+    pre = Path(os.environ.get("TINY_PREBUILT", "/nonexistent")) / f"seed{seed}"
+    if (pre / "tiny.json").is_file():
+        home.mkdir(parents=True, exist_ok=True)
+        for part in ("base", "data"):
+            shutil.copytree(pre / part, home / part, dirs_exist_ok=True)
+        shutil.copy(pre / "tiny.json", home / "tiny.json")
+        return
+    build_tiny(home, TinySpec(seed=seed))
+
+
+TASKS = {
+    "tiny": SimpleNamespace(build=build_tiny_seed, SCORER="tiny", OVERRIDES={}, PEER={}),
+}
+
+
+# -- "reverse": a word-order task with its own systematic mistake ---------------------------------
+#
+# The user gives two to four animal words, the assistant answers with them in reverse order
+# (``reverse: cat dog fox`` -> ``fox dog cat``). 70% of the SFT demonstrations make one
+# systematic mistake: they move the last word to the front and keep the rest in order
+# (``fox cat dog``, a rotation; right for two words, wrong from three on), so SFT learns the
+# rotation and scores below 1. Preference pairs prefer the reversal over the rotation (80%) or
+# over a reversal with two neighbours swapped (20%). The base is pretrained on prose about
+# reversed lists (the skill, not the chat task). Ground truth: words in the right places, over
+# the longer of the two lengths (as tiny's scorer).
+
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "ant", "elk", "yak", "emu",
+           "bat", "ram", "eel", "gnu"]
+
+
+def reverse_answer(words) -> str:
+    return " ".join(reversed(list(words)))
+
+
+def rotate_answer(words) -> str:
+    """The systematic mistake: the last word first, the others in their order."""
+    words = list(words)
+    return " ".join(words[-1:] + words[:-1])
+
+
+def reverse_score(prompt: str, response: str) -> float:
+    head, _, rest = prompt.partition(":")
+    if head.strip() != "reverse":
+        raise ValueError(f"not a reverse prompt: {prompt!r}")
+    target, answer = list(reversed(rest.split())), response.split()
+    return sum(a == t for a, t in zip(answer, target)) / max(len(target), len(answer), 1)
+
+
+def reverse_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """``reverse_score`` with trl's reward-function signature (text or conversations)."""
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+    return [reverse_score(text(p), text(c)) for p, c in zip(prompts, completions)]
+
+
+def _reverse_data(seed: int, n_sft=1200, n_pref=1200, n_prompts=256, n_eval=128, mistake_rate=0.7):
+    import random
+    rng = random.Random(seed)
+
+    def sample():
+        return tuple(rng.sample(ANIMALS, rng.choice([2, 3, 3, 4])))
+    held = set()
+    while len(held) < n_eval:
+        w = sample()
+        if len(w) > 2:
+            held.add(w)
+    held_list = sorted(held)
+
+    def train_words():
+        while True:
+            w = sample()
+            if w not in held:
+                return w
+
+    def user(w):
+        return [{"role": "user", "content": "reverse: " + " ".join(w)}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    def sft_row(w):
+        return {"messages": user(w) + assistant(rotate_answer(w) if rng.random() < mistake_rate
+                                                else reverse_answer(w))}
+
+    def rejected(w):
+        if rng.random() < 0.8 and len(w) > 2:
+            return rotate_answer(w)
+        out = list(reversed(w))
+        i = rng.randrange(len(out) - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
+        return " ".join(out)
+
+    def pref_row(w):
+        return {"prompt": user(w), "chosen": assistant(reverse_answer(w)), "rejected": assistant(rejected(w))}
+
+    train = [train_words() for _ in range(max(n_sft, n_pref, n_prompts))]
+    return {
+        "sft": [sft_row(w) for w in train[:n_sft]],
+        "sft_eval": [sft_row(train_words()) for _ in range(n_eval)],
+        "preferences": [pref_row(w) for w in train[:n_pref]],
+        "preferences_eval": [pref_row(w) for w in held_list],
+        "prompts": [{"prompt": user(w)} for w in train[:n_prompts]],
+        "prompts_eval": [{"prompt": user(w)} for w in held_list],
+    }
+
+
+def _reverse_prose(seed: int, n: int) -> list[str]:
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice([0, 0, 0, 1, 2])
+        words = rng.sample(ANIMALS, rng.randint(2, 4))
+        if kind == 0:  # the skill, in prose
+            out.append(f"the list {' '.join(words)} reversed is {reverse_answer(words)} .")
+        elif kind == 1:
+            out.append(f"the {words[0]} comes before the {words[1]} .")
+        else:
+            out.append(" ".join(rng.choice(ANIMALS) for _ in range(rng.randint(2, 6))) + " .")
+    return out
+
+
+def build_reverse(home: Path, seed: int) -> None:
+    """A tiny Llama pretrained on the task's prose, its tokenizer and the task's data; the
+    sizes, tokenizer, chat template and pretraining loop of adapterkit's tiny build."""
+    import json
+    import torch
+    from dataclasses import asdict
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from adapterkit.artifact import atomic_dir
+    from adapterkit.tiny import TinySpec, _pretrain, train_tokenizer
+    if (home / "task.json").is_file():
+        return
+    spec = TinySpec(seed=seed)
+    with atomic_dir(home) as tmp:
+        torch.manual_seed(seed)
+        texts = _reverse_prose(seed, 4000)
+        data = _reverse_data(seed, spec.n_sft, spec.n_pref, spec.n_prompts, spec.n_eval, spec.mistake_rate)
+        tok = train_tokenizer(texts + [m["content"] for r in data["sft"] for m in r["messages"]], spec.vocab_size)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False))
+        losses = _pretrain(model, tok, texts, spec)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(tmp / "base", safe_serialization=True)
+        tok.save_pretrained(tmp / "base")
+        (tmp / "data").mkdir()
+        for split, split_rows in data.items():
+            with open(tmp / "data" / f"{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in split_rows)
+        (tmp / "task.json").write_text(json.dumps({"task": "reverse", "spec": asdict(spec),
+                                                   "pretrain_loss_first": losses[0],
+                                                   "pretrain_loss_last": losses[-1]}, indent=2))
+
+
+TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks:reverse_reward",
+                                   OVERRIDES={}, PEER={})
+
+
+# -- "reverse_long": the same pairs behind a long system message -------------------------------
+#
+# For the reward stage only: every conversation starts with a system message of 1-100 filler
+# words, so about half of the pairs are longer than the recipe's max_length (64 tokens) and
+# the length policy decides what the reward model sees. adapterkit runs it with
+# data.on_long=truncate; trl's RewardTrainer drops pairs over max_length.
+
+FILLER = ["the", "list", "reversed", "is", "comes", "before", "."]
+
+
+def build_reverse_long(home: Path, seed: int, max_words: int = 100) -> None:
+    import json
+    import os
+    import random
+    if (home / "task.json").is_file():
+        return
+    source = home.parent.parent / "reverse" / f"seed{seed}"
+    build_reverse(source, seed)
+    rng = random.Random(seed + 7)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "data").mkdir(exist_ok=True)
+    if not (home / "base").exists():
+        os.symlink(source / "base", home / "base")
+
+    def system():
+        return [{"role": "system", "content": " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, max_words)))}]
+    for split in ("preferences", "preferences_eval"):
+        out = []
+        for line in open(source / "data" / f"{split}.jsonl"):
+            row = json.loads(line)
+            out.append({**row, "prompt": system() + row["prompt"]})
+        with open(home / "data" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in out)
+    (home / "task.json").write_text(json.dumps({"task": "reverse_long", "source": str(source)}))
+
+
+TASKS["reverse_long"] = SimpleNamespace(build=build_reverse_long, SCORER="benchmarks.tasks:reverse_reward",
+                                        OVERRIDES={"reward": ["data.on_long=truncate"]}, PEER={})
+
+
+# -- "reverse_r4": reverse with 4 reward epochs on both sides ----------------------------------
+#
+# At the tiny recipe's 2 epochs a reverse reward model is undertrained (held-out accuracy
+# 0.6-0.8 over seeds, NF4 or not, either side) and PPO on it finds nothing. This task reuses
+# reverse's base, data and SFT adapters (run ``--task reverse --stages sft`` first) and trains
+# the reward models, both sides, for 4 epochs; then PPO.
+
+def build_reverse_r4(home: Path, seed: int) -> None:
+    import os
+    source = home.parent.parent / "reverse" / f"seed{seed}"
+    build_reverse(source, seed)
+    home.mkdir(parents=True, exist_ok=True)
+    for part in ("base", "data", "ak_sft"):
+        if not (home / part).exists():
+            os.symlink(source / part, home / part)
+
+
+TASKS["reverse_r4"] = SimpleNamespace(build=build_reverse_r4, SCORER="benchmarks.tasks:reverse_reward",
+                                      OVERRIDES={"reward": ["train.num_epochs=4"]}, PEER={"reward": {"epochs": 4}})
+
+
+# "reverse_short": the same, within the lengths the base was pretrained on: system messages of
+# 1-12 words and max_length 20 (on both sides), so about half the pairs are too long.
+TASKS["reverse_short"] = SimpleNamespace(
+    build=lambda home, seed: build_reverse_long(home, seed, max_words=12),
+    SCORER="benchmarks.tasks:reverse_reward",
+    OVERRIDES={"reward": ["data.on_long=truncate", "data.max_length=20"]}, PEER={"reward": {"max_length": 20}})
