@@ -9,7 +9,7 @@ import torch
 
 from adapterkit import quant
 from adapterkit.artifact import sha256_file, sha256_json
-from adapterkit.config import BaseSection
+from adapterkit.sections import BaseSection
 from adapterkit.errors import AdapterkitError, CompatibilityError
 
 log = logging.getLogger("adapterkit")

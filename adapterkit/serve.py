@@ -11,7 +11,7 @@ import re
 import torch
 
 from adapterkit.adapters import activate
-from adapterkit.config import BaseSection
+from adapterkit.sections import BaseSection
 from adapterkit.errors import AdapterkitError
 from adapterkit.evaluate import generate
 from adapterkit.merge import METHODS, MergeSpec

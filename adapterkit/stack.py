@@ -20,7 +20,7 @@ import torch
 
 from adapterkit.adapters import activate, load_adapters
 from adapterkit.base import check_base_on_disk, fingerprint, load_model, load_tokenizer, trained_base
-from adapterkit.config import BaseSection
+from adapterkit.sections import BaseSection
 from adapterkit.data import template_hash
 from adapterkit.errors import AdapterkitError, CompatibilityError
 from adapterkit.registry import Entry, Registry

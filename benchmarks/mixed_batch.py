@@ -37,7 +37,7 @@ def random_adapters(root: Path, n: int = 4) -> tuple[Registry, list[str]]:
     from peft import LoraConfig, get_peft_model
     from adapterkit import quant
     from adapterkit.base import fingerprint, load_base
-    from adapterkit.config import BaseSection
+    from adapterkit.sections import BaseSection
     from adapterkit.data import template_hash
     section = BaseSection(name="tiny", compute_dtype="float32")  # as the manifests below say
     reg = Registry.open(root / "adapters")

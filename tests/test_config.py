@@ -71,7 +71,8 @@ def test_every_shipped_recipe_opens_with_its_command_and_validates():
 
 
 def test_compute_dtype_defaults_to_auto_in_every_shipped_recipe():
-    from adapterkit.config import STAGE_CONFIGS, BaseSection
+    from adapterkit.config import STAGE_CONFIGS
+    from adapterkit.sections import BaseSection
     import yaml
     assert BaseSection(name="any").compute_dtype == "auto"
     for name in shipped_recipes():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterkit.base import load_model
-from adapterkit.config import BaseSection
+from adapterkit.sections import BaseSection
 
 
 def quantized_linears(model):

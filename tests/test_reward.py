@@ -74,7 +74,7 @@ def test_scorer_shares_the_policy_base(reward_adapter, sft_adapter, scorer, tiny
     policy's outputs and trainable flags as they were."""
     from adapterkit.adapters import activate, load_adapters
     from adapterkit.base import load_base
-    from adapterkit.config import BaseSection
+    from adapterkit.sections import BaseSection
     from adapterkit.evaluate import prompt_ids
     from adapterkit.scorer import RewardScorer
     model, tok = load_base(BaseSection(name=str(tiny_dir / "base")))
