@@ -228,37 +228,43 @@ def _pretrain(model, tokenizer, texts: list[str], spec: TinySpec) -> list[float]
     return losses
 
 
+def write_task_build(tmp: Path, spec: TinySpec, texts: list[str], data: dict[str, list[dict]]) -> dict:
+    """Into ``tmp``: a tokenizer trained on ``texts`` and the SFT turns, a Llama of ``spec``'s
+    sizes pretrained on ``texts`` (``base/``), and every split as ``data/<split>.jsonl``.
+    Any task with pretraining prose and rows in trl's formats builds this way (the tiny task
+    here, the benchmarks' second family). Returns the build's facts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(spec.seed)  # the only torch randomness: the model's init and batches
+    tokenizer = train_tokenizer(texts + [m["content"] for r in data["sft"] for m in r["messages"]],
+                                spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    losses = _pretrain(model, tokenizer, texts, spec)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp / "base", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "base")
+    (tmp / "data").mkdir()
+    for split, rows in data.items():
+        with open(tmp / "data" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"spec": asdict(spec), "pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1],
+            "n_parameters": model.num_parameters()}
+
+
 def build_tiny(out: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
     """Write ``out/base`` (model + tokenizer) and ``out/data/*.jsonl``; atomic."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = Path(out)
     with atomic_dir(out) as tmp:
-        torch.manual_seed(spec.seed)
-        texts = pretraining_text(random.Random(spec.seed), 4000)
-        data = make_task_data(spec)
-        tokenizer = train_tokenizer(texts + [m["content"] for r in data["sft"] for m in r["messages"]],
-                                    spec.vocab_size)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
-            num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=256,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-        model = LlamaForCausalLM(config)
-        losses = _pretrain(model, tokenizer, texts, spec)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp / "base", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "base")
-        (tmp / "data").mkdir()
-        for split, rows in data.items():
-            with open(tmp / "data" / f"{split}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        meta = {"spec": asdict(spec), "key": spec.key(), "pretrain_loss_first": losses[0],
-                "pretrain_loss_last": losses[-1], "n_parameters": model.num_parameters()}
-        (tmp / "tiny.json").write_text(json.dumps(meta, indent=2))
+        facts = write_task_build(tmp, spec, pretraining_text(random.Random(spec.seed), 4000),
+                                 make_task_data(spec))
+        (tmp / "tiny.json").write_text(json.dumps({**facts, "key": spec.key()}, indent=2))
     return out
 
 

@@ -147,37 +147,15 @@ def build_reverse(home: Path, seed: int) -> None:
     """A tiny Llama pretrained on the task's prose, its tokenizer and the task's data; the
     sizes, tokenizer, chat template and pretraining loop of adapterkit's tiny build."""
     import json
-    import torch
-    from dataclasses import asdict
-    from transformers import LlamaConfig, LlamaForCausalLM
     from adapterkit.artifact import atomic_dir
-    from adapterkit.tiny import TinySpec, _pretrain, train_tokenizer
+    from adapterkit.tiny import TinySpec, write_task_build
     if (home / "task.json").is_file():
         return
     spec = TinySpec(seed=seed)
     with atomic_dir(home) as tmp:
-        torch.manual_seed(seed)
-        texts = _reverse_prose(seed, 4000)
         data = _reverse_data(seed, spec.n_sft, spec.n_pref, spec.n_prompts, spec.n_eval, spec.mistake_rate)
-        tok = train_tokenizer(texts + [m["content"] for r in data["sft"] for m in r["messages"]], spec.vocab_size)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            tie_word_embeddings=False))
-        losses = _pretrain(model, tok, texts, spec)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.save_pretrained(tmp / "base", safe_serialization=True)
-        tok.save_pretrained(tmp / "base")
-        (tmp / "data").mkdir()
-        for split, split_rows in data.items():
-            with open(tmp / "data" / f"{split}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in split_rows)
-        (tmp / "task.json").write_text(json.dumps({"task": "reverse", "spec": asdict(spec),
-                                                   "pretrain_loss_first": losses[0],
-                                                   "pretrain_loss_last": losses[-1]}, indent=2))
+        facts = write_task_build(tmp, spec, _reverse_prose(seed, 4000), data)
+        (tmp / "task.json").write_text(json.dumps({"task": "reverse", **facts}, indent=2))
 
 
 TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks:reverse_reward",
