@@ -20,6 +20,20 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")  
 _SCRATCH: list[str] = []
 
 
+def task_overrides(home: Path, stage: str, sft: Path, reward: Path) -> list[str]:
+    """A stage's data and parent overrides for a task folder in the tiny layout
+    (``home/data/<split>.jsonl``), on the SFT adapter ``sft`` and the reward adapter ``reward``."""
+    data = lambda split: str(Path(home) / "data" / f"{split}.jsonl")  # noqa: E731
+    pairs = [f"data.train={data('preferences')}", f"data.eval={data('preferences_eval')}"]
+    return {
+        "sft": [f"data.train={data('sft')}", f"data.eval={data('sft_eval')}"],
+        "reward": pairs,
+        "dpo": [*pairs, f"dpo.prompts={data('prompts_eval')}", f"dpo.parent={json.dumps([str(sft)])}"],
+        "ppo": [f"data.train={data('prompts')}", f"data.eval={data('prompts_eval')}",
+                f"ppo.parent={json.dumps([str(sft)])}", f"ppo.reward={reward}"],
+    }[stage]
+
+
 def scratch() -> str:
     """A fresh directory, removed when this process exits (bases, adapters, trainer output)."""
     if not _SCRATCH:

@@ -38,9 +38,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import LORA, task_overrides  # noqa: E402
 
 STAGES = ("sft", "reward", "dpo", "ppo")
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
 # -- the recipes both sides share ----------------------------------------------------------------
@@ -114,17 +114,8 @@ def pair_accuracy(base: str, quant: str, adapter: str, pairs: list[dict]) -> dic
 def ak_run(stage: str, home: Path, task, out: Path, extra: list[str]) -> dict:
     from adapterkit.config import load_config
     from adapterkit.stages import train_stage
-    data = lambda split: str(home / "data" / f"{split}.jsonl")  # noqa: E731
-    per_stage = {
-        "sft": [f"data.train={data('sft')}", f"data.eval={data('sft_eval')}"],
-        "reward": [f"data.train={data('preferences')}", f"data.eval={data('preferences_eval')}"],
-        "dpo": [f"data.train={data('preferences')}", f"data.eval={data('preferences_eval')}",
-                f"dpo.prompts={data('prompts_eval')}", f"dpo.parent={json.dumps([str(home / 'ak_sft')])}",
-                f"dpo.scorer={task.SCORER}"],
-        "ppo": [f"data.train={data('prompts')}", f"data.eval={data('prompts_eval')}",
-                f"ppo.parent={json.dumps([str(home / 'ak_sft')])}", f"ppo.reward={home / 'ak_reward_nf4'}",
-                f"ppo.scorer={task.SCORER}"],
-    }[stage]
+    per_stage = task_overrides(home, stage, home / "ak_sft", home / "ak_reward_nf4") + (
+        [f"{stage}.scorer={task.SCORER}"] if stage in ("dpo", "ppo") else [])
     config = load_config(stage, f"tiny_{stage}", [f"base.name={home / 'base'}", "train.progress=false",
                                                    f"output.dir={out}", "output.overwrite=true", *per_stage,
                                                    *task.OVERRIDES.get(stage, []), *extra])

@@ -21,6 +21,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import task_overrides  # noqa: E402
+
 STAGE_ORDER = ("sft", "reward", "dpo", "ppo")
 
 
@@ -39,17 +42,9 @@ def run_seed(seed: int, root: str, stages: tuple[str, ...], extra: list[str]) ->
     home = Path(root) / f"seed{seed}"
     if not (home / "tiny.json").is_file():
         build_tiny(home, TinySpec(seed=seed))
-    data = lambda split: str(home / "data" / f"{split}.jsonl")  # noqa: E731
     common = [f"base.name={home / 'base'}", "train.progress=false"]
-    per_stage = {
-        "sft": [f"data.train={data('sft')}", f"data.eval={data('sft_eval')}"],
-        "reward": [f"data.train={data('preferences')}", f"data.eval={data('preferences_eval')}"],
-        "dpo": [f"data.train={data('preferences')}", f"data.eval={data('preferences_eval')}",
-                f"dpo.prompts={data('prompts_eval')}", f"dpo.parent={json.dumps([str(home / 'sft')])}",
-                f"dpo.reward={home / 'reward'}"],
-        "ppo": [f"data.train={data('prompts')}", f"data.eval={data('prompts_eval')}",
-                f"ppo.parent={json.dumps([str(home / 'sft')])}", f"ppo.reward={home / 'reward'}"],
-    }
+    per_stage = {stage: task_overrides(home, stage, home / "sft", home / "reward") for stage in STAGE_ORDER}
+    per_stage["dpo"].append(f"dpo.reward={home / 'reward'}")  # the win rate under the reward model
     out = {"seed": seed}
     for stage in STAGE_ORDER:
         adapter = home / stage
