@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from adapterkit.errors import ConfigError
@@ -71,3 +72,17 @@ def score_completions(fn: RewardFunction, prompts: list, texts: list[str]) -> li
         raise ConfigError(f"reward function {describe(fn)}: returned {len(values)} values for "
                           f"{len(prompts)} completions, or a value that is not finite")
     return values
+
+
+@dataclass
+class FunctionScorer:
+    """A reward function behind the interface of ``scorer.RewardScorer`` (``score(prompts,
+    responses)``), so a stage scores with either without asking which it holds."""
+    fn: RewardFunction
+
+    @classmethod
+    def load(cls, ref: str | RewardFunction) -> "FunctionScorer":
+        return cls(load_function(ref))
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        return score_completions(self.fn, prompts, responses)

@@ -252,11 +252,8 @@ def held_out_score(run: PPORun) -> float:
     roles.use("policy")
     responses = generate(roles.peft, run.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
                          batch_size=p.rollout_batch_size)
-    judge = p.scorer if p.scorer is not None else roles.scorer
-    if callable(judge) or isinstance(judge, str):
-        scores = rewards.score_completions(rewards.load_function(judge), prompts, responses)
-    else:
-        scores = judge.score(prompts, responses)
+    judge = rewards.FunctionScorer.load(p.scorer) if p.scorer is not None else roles.scorer
+    scores = judge.score(prompts, responses)
     return sum(scores) / len(scores)
 
 

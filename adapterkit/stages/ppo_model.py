@@ -30,7 +30,7 @@ class SharedBase(torch.nn.Module):
     def __init__(self, peft_model, parents: list[str], scorer, value_head, temperature=1.0):
         super().__init__()
         self.peft, self.value_head, self.temperature = peft_model, value_head, temperature
-        # reward.RewardScorer (the frozen "reward" adapter and its head), or a reward function
+        # scorer.RewardScorer (the frozen "reward" adapter and its head) or rewards.FunctionScorer
         self.scorer = scorer
         self.stacks = {"reference": parents, "policy": [*parents, POLICY], "value": [VALUE]}  # role -> adapters
         self.use("policy")
@@ -78,7 +78,7 @@ def build_model(config: PPOConfig, device, tokenizer) -> tuple[SharedBase, dict]
     else:
         model = get_peft_model(model, lora_config(config), adapter_name=POLICY)
     if rewards.is_function_ref(p.reward):
-        scorer = rewards.load_function(p.reward)
+        scorer = rewards.FunctionScorer.load(p.reward)
         manifest["reward_function"] = rewards.describe(p.reward)
     else:
         manifest["reward_model"] = parent_record(p.reward, base_fp, REWARD_STAGES, "reward model")

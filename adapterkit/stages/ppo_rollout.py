@@ -96,10 +96,9 @@ def score_rollout(run: PPORun, ro: Rollout) -> dict:
         part = {"ref_logprobs": gather_logprobs(roles.response_logits(ids, mask, ro.n_resp), resp)}
         roles.use("value")
         part["values"] = roles.response_values(ids, mask, ro.n_resp)
-        if callable(roles.scorer):  # a reward function scores the decoded responses
+        if isinstance(roles.scorer, rewards.FunctionScorer):  # scores the decoded responses
             texts = run.tokenizer.batch_decode(resp, skip_special_tokens=True)
-            part["scores"] = torch.tensor(rewards.score_completions(roles.scorer, ro.prompts[i:i + chunk], texts),
-                                          device=ids.device)
+            part["scores"] = torch.tensor(roles.scorer.score(ro.prompts[i:i + chunk], texts), device=ids.device)
         else:
             part["scores"] = roles.scorer.score_ids(ids, mask)
         parts.append(part)
