@@ -172,7 +172,7 @@ class PPOSection(Section):
     vf_coef: float = Field(0.1, ge=0)
     """value loss weight"""
     kl_coef: float = Field(0.05, ge=0)
-    """beta, in the reward's units (a [0, 1] reward function wants ~10x less than a reward model scoring about +-8); the initial value when adaptive_kl"""
+    """beta: the weight of the per-token KL to the parent against the score; in the reward's units, or in units of its standard deviation with normalize_scores (then one value suits a [0, 1] reward function and a reward model scoring about +-8 alike); the initial value when adaptive_kl"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator: k1 (log-ratio) or k3 (Schulman's, non-negative)"""
     adaptive_kl: bool = False
@@ -181,6 +181,8 @@ class PPOSection(Section):
     """the adaptive controller's target KL"""
     kl_horizon: float = Field(10000, gt=0)
     """the adaptive controller's horizon"""
+    normalize_scores: bool = False
+    """Normalise each score by the running mean and standard deviation of all scores so far, before KL shaping (as the OpenAI/trl practice of reward normalisation): kl_coef is then in units of the reward's spread, the same for a [0, 1] reward function as for a reward model scoring about +-8"""
     whiten_rewards: bool = False
     """whiten the per-token rewards before GAE"""
     missing_eos_penalty: float | None = None

@@ -50,6 +50,33 @@ def masked_whiten(values, mask, shift_mean=True, eps=1e-8):
         whitened = whitened + mean
     return whitened * mask
 
+class RunningMoments:
+    """Running mean and variance of every value seen so far, updated one batch at a time
+    (Chan et al.'s parallel merge), to normalise reward scores: ``normalise(x) = (x - mean) /
+    std``. The state is three floats (``state_dict``), so a resumed run continues it."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: int = 0):
+        self.mean, self.var, self.count = float(mean), float(var), int(count)
+
+    def update(self, values) -> None:
+        """Merge a batch. values: any shape (flattened)."""
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        mean, var = values.mean().item(), values.var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    def normalise(self, values, eps=1e-8):
+        """(values - mean) / std, as values' dtype and device."""
+        return (values - self.mean) / (self.var + eps) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
 # -----------------------------------------------------------------------------
 # KL estimators (Schulman 2020). Samples x ~ p (policy), q = reference.
 

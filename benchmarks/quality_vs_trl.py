@@ -20,7 +20,8 @@ recipes (lr, epochs, batch, LoRA r/alpha, max_length) on both sides:
 - DPO on the SFT adapter: adapterkit ``train_dpo`` with the recipe (its RPO term) and with
   ``dpo.sft_weight=0`` (like for like) vs ``trl.DPOTrainer`` + peft, plain sigmoid, on the
   peer's own SFT adapter merged into the base (the reference is the SFT model);
-- PPO: adapterkit ``train_ppo`` on its SFT with its NF4 reward model (trl has no PPO here).
+- PPO: adapterkit ``train_ppo`` on its SFT with its NF4 reward model, and with the task's
+  ground-truth scorer as the reward (the upper bound a reward model approaches; trl has no PPO here).
 
 Seeds run in parallel (``--jobs``), one thread each. Not a test: it prints and writes one JSON.
 """
@@ -277,6 +278,8 @@ def run_seed(task_name: str, seed: int, root: str, stages: tuple, variants: tupl
             str(merged), "nf4", [], prompts, scorer)})["score"]
     if "ppo" in stages:
         res["ppo_ak"] = once("ppo_ak", lambda: ak_run("ppo", home, task, home / "ak_ppo", []))
+        res["ppo_ak_gt"] = once("ppo_ak_gt", lambda: ak_run("ppo", home, task, home / "ak_ppo_gt",
+                                                            [f"ppo.reward={task.SCORER}"]))
     return res
 
 
@@ -298,6 +301,7 @@ ROWS = [  # (row, result key, metric)
     ("DPO's parent (SFT) score, trl: merged SFT in NF4", "dpo_trl", "parent_score"),
     ("PPO score: adapterkit", "ppo_ak", "score"),
     ("PPO's parent (SFT) score: adapterkit", "ppo_ak", "parent_score"),
+    ("PPO score, the ground truth as reward: adapterkit", "ppo_ak_gt", "score"),
 ]
 
 
@@ -308,10 +312,12 @@ def summarise(results: list[dict]) -> dict:
         if values:
             out[name] = {"min": min(values), "median": statistics.median(values), "max": max(values),
                          "per_seed": [round(v, 4) for v in values]}
-    gains = [r["ppo_ak"]["score"] - r["ppo_ak"]["parent_score"] for r in results if "ppo_ak" in r]
-    if gains:
-        out["PPO gain over SFT: adapterkit"] = {"min": min(gains), "median": statistics.median(gains),
-                                               "max": max(gains), "per_seed": [round(g, 4) for g in gains]}
+    for key, name in (("ppo_ak", "PPO gain over SFT: adapterkit"),
+                      ("ppo_ak_gt", "PPO gain over SFT, the ground truth as reward: adapterkit")):
+        gains = [r[key]["score"] - r[key]["parent_score"] for r in results if key in r]
+        if gains:
+            out[name] = {"min": min(gains), "median": statistics.median(gains), "max": max(gains),
+                         "per_seed": [round(g, 4) for g in gains]}
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapterkit.losses import (
-    DPO_LOSSES, AdaptiveKLController, FixedKLController, bradley_terry_loss, dpo_loss,
+    DPO_LOSSES, AdaptiveKLController, FixedKLController, RunningMoments, bradley_terry_loss, dpo_loss,
     entropy_from_logits, gae_advantages, kl_k1, kl_k3, masked_mean, masked_var, masked_whiten,
     per_token_rewards, ppo_policy_loss, ppo_value_loss,
 )
@@ -260,3 +260,27 @@ def test_bradley_terry_loss_by_hand():
     close(bradley_terry_loss(chosen, rejected), 0.5032044)
     # margin [1, 0]: both differences become 0 -> ln 2
     close(bradley_terry_loss(chosen, rejected, margin=torch.tensor([1.0, 0.0])), LN2)
+
+
+# ----------------------------------------------------------------------------- score normalisation
+
+def test_running_moments_merge_batches_as_one_and_normalise():
+    values = torch.tensor([0.0, 1.0, 1.0, 0.5, 8.0, -8.0, 2.0])
+    moments = RunningMoments()
+    moments.update(values[:3])
+    moments.update(values[3:].reshape(2, 2))  # any shape, flattened
+    moments.update(torch.tensor([]))          # an empty batch changes nothing
+    # mean 4.5/7; population variance of all seven values
+    mean = 4.5 / 7
+    var = float(((values - mean) ** 2).mean())
+    assert moments.count == 7
+    close(torch.tensor(moments.mean), mean, atol=1e-12)
+    close(torch.tensor(moments.var), var, atol=1e-12)
+    close(moments.normalise(values), (values - mean) / var ** 0.5, atol=1e-6)
+    again = RunningMoments(**moments.state_dict())  # a resumed run continues the same moments
+    assert again.state_dict() == moments.state_dict()
+    # the normalised scores are the same whatever the reward's scale and offset
+    scaled = RunningMoments()
+    scaled.update(values[:3] * 16 - 8)
+    scaled.update(values[3:] * 16 - 8)
+    close(scaled.normalise(values * 16 - 8), moments.normalise(values), atol=1e-5)

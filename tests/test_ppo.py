@@ -192,8 +192,9 @@ def function_ppo(sft_adapter, tmp_path_factory):
     from adapterkit.stages.ppo import train_ppo
     return train_ppo(load_config("ppo", "tiny_ppo", [
         f"output.dir={tmp_path_factory.mktemp('ppo-fn') / 'adapter'}", "train.progress=false",
-        "ppo.reward=adapterkit.tiny:reward", f"ppo.parent={json.dumps([str(sft_adapter.path)])}",
-        "ppo.kl_coef=0.02"]))  # kl_coef is in reward units: [0, 1] here, about +-8 for the reward model
+        "ppo.reward=adapterkit.tiny:reward", f"ppo.parent={json.dumps([str(sft_adapter.path)])}"]))
+    # the recipe's kl_coef as it is: with ppo.normalize_scores it is per unit of the reward's
+    # spread, the same for this [0, 1] function as for the reward model's +-8
 
 
 def test_ppo_on_a_reward_function_beats_its_parent_widely(function_ppo):
@@ -243,6 +244,8 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(sft_adapter, reward_adap
                           f"train.resume_from={ckpt}"))  # every stage's key; a folder: its newest
     assert resumed.step == 1 and resumed.history == first.history
     assert resumed.kl_ctl.value == first.kl_ctl.value != resumed.config.ppo.kl_coef  # adaptive, restored
+    assert resumed.score_moments.count == 8  # ppo.normalize_scores' running moments, restored
+    assert resumed.score_moments.state_dict() == first.score_moments.state_dict()
     train(resumed)
     straight = setup(small(sft_adapter, reward_adapter, tmp_path / "c", "train.max_steps=2"))
     train(straight)

@@ -68,6 +68,7 @@ class PPORun:
     history: list = field(default_factory=list)
     evals: list = field(default_factory=list)  # [{"step", "eval_score"}], step 0 = the parent
     best: dict | None = None  # {"step", "eval_score", "weights": the policy adapter's tensors}
+    score_moments: losses.RunningMoments = field(default_factory=losses.RunningMoments)  # ppo.normalize_scores
 
     @property
     def roles(self) -> SharedBase:
@@ -133,12 +134,16 @@ def step_prompts(run: PPORun) -> list[int]:
 
 
 def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
-    """InstructGPT's KL-shaped per-token reward, then GAE and whitened advantages."""
+    """InstructGPT's KL-shaped per-token reward (on normalised scores with
+    ``ppo.normalize_scores``), then GAE and whitened advantages."""
     p, mask, tok = run.config.ppo, ro.response_mask, run.tokenizer
     scores = batch["scores"]
     if p.missing_eos_penalty is not None:
         finished = (ro.ids[:, -ro.n_resp:] == tok.eos_token_id).any(-1)
         scores = scores - p.missing_eos_penalty * (~finished).float()
+    if p.normalize_scores:  # kl_coef in units of the reward's spread, whatever the reward's scale
+        run.score_moments.update(run.accelerator.gather(scores))
+        scores = run.score_moments.normalise(scores)
     rewards, kl = losses.per_token_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask,
                                            run.kl_ctl.value, p.kl_estimator)
     if p.whiten_rewards:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapterkit import losses
 from adapterkit.artifact import atomic_dir
 from adapterkit.checkpoints import PREFIX, flatten_optimizer, rotate, unflatten_optimizer
 from adapterkit.errors import DataError
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def save_checkpoint(run: PPORun) -> None:
-    """Policy and value adapters, value head, AdamW state, scheduler, KL coefficient, step."""
+    """Policy and value adapters, value head, AdamW state, scheduler, KL coefficient, score
+    moments, step."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     if not run.accelerator.is_main_process:
@@ -40,7 +42,7 @@ def save_checkpoint(run: PPORun) -> None:
         meta = {"step": run.step, "kl_coef": run.kl_ctl.value, "history": run.history, "evals": run.evals,
                 "best": None if run.best is None else {k: run.best[k] for k in ("step", "eval_score")},
                 "param_groups": optimizer["param_groups"], "scheduler": run.scheduler.state_dict(),
-                "optimizer_scalars": optimizer["scalars"]}
+                "optimizer_scalars": optimizer["scalars"], "score_moments": run.score_moments.state_dict()}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
     rotate(root, run.config.train.save_total_limit)
 
@@ -64,6 +66,7 @@ def load_checkpoint(run: PPORun, path: str | os.PathLike) -> None:
     run.scheduler.load_state_dict(meta["scheduler"])
     run.kl_ctl.value, run.step, run.history = meta["kl_coef"], meta["step"], meta["history"]
     run.evals = meta.get("evals", [])
+    run.score_moments = losses.RunningMoments(**meta.get("score_moments", {}))
     if meta.get("best") is not None:
         run.best = {**meta["best"], "weights": {k.split("/", 1)[1]: v for k, v in weights.items()
                                                  if k.startswith("best/")}}
