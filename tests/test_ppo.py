@@ -164,7 +164,13 @@ def test_vanilla_peft_reload_reproduces_the_policy(trained, sft_adapter, tiny_di
     model = vanilla_stack(tiny_dir, {"sft": sft_adapter.path, "ppo": record.path})
     with torch.no_grad():
         reloaded = model(input_ids=ids, attention_mask=mask).logits[:, -n_resp - 1:-1]
-    assert_close(reloaded.float() / record.manifest["recipe"]["ppo"]["temperature"], logits, cpu=1e-4, cuda=5e-2)
+    # the logits that predict the responses' tokens (up to each one's EOS); after an early EOS
+    # the padding's position ids are a convention (adapterkit repeats the last position,
+    # a plain forward counts on), not something the adapter decides
+    valid = mask[:, -n_resp:].bool()
+    assert valid.all(-1).any() and valid.sum() > valid.size(0)  # most of the probe is compared
+    assert_close(reloaded.float()[valid] / record.manifest["recipe"]["ppo"]["temperature"], logits[valid],
+                 cpu=1e-4, cuda=5e-2)
 
 
 # -- reward functions, held-out evaluation, best policy -------------------------------------------
