@@ -164,13 +164,27 @@ def fingerprint(model, tokenizer) -> dict:
     Weights: the sha256 of every safetensors file of a local base, or the hub revision of
     a downloaded one. Quantization is recorded beside it, not in it: an adapter trained on
     nf4 can be stacked on a bf16 copy of the same base (with a warning)."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ARCH_IGNORED}
-    source = model.config._name_or_path
+    return _fingerprint(model.config, tokenizer)
+
+
+def disk_fingerprint(section: BaseSection, tokenizer) -> dict:
+    """``fingerprint`` of the base a section names, from its config and files alone: no weights
+    load (``adapterkit pipeline`` decides before loading anything whether a stage is reused)."""
+    from transformers import AutoConfig
+    with loading("config", section.name):
+        config = AutoConfig.from_pretrained(resolve_base(section.name), revision=section.revision,
+                                            trust_remote_code=section.trust_remote_code)
+    return _fingerprint(config, tokenizer)
+
+
+def _fingerprint(model_config, tokenizer) -> dict:
+    config = {k: v for k, v in model_config.to_dict().items() if k not in ARCH_IGNORED}
+    source = model_config._name_or_path
     path = Path(source)
     if path.is_dir():
         weights = weights_part(path)
     else:
-        weights = sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
+        weights = sha256_json({"hub_revision": getattr(model_config, "_commit_hash", None) or "unknown"})
     parts = {"config": sha256_json(config), "tokenizer": sha256_json(sorted(tokenizer.get_vocab().items())),
              "weights": weights}
     return {"id": sha256_json(parts)[:16], **parts, "source": source}

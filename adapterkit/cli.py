@@ -155,20 +155,16 @@ def _recipes_args(p):
 # -- quickstart --------------------------------------------------------------------------
 
 def _run_quickstart(args) -> None:
-    from adapterkit.quickstart import STEP_HELP, run_quickstart
+    from adapterkit.cli_pipeline import print_summary
+    from adapterkit.quickstart import run_quickstart
     con = console()
     summary = run_quickstart(args.out, progress=not args.quiet,
-                             on_step=None if args.json else lambda s: con.rule(f"{s}: {STEP_HELP.get(s, '')}"))
+                             on_step=None if args.json else lambda s, h: con.rule(f"{s}: {h}"))
     if args.json:
         print_json(summary)
         return
-    con.print(stage_table(summary["stages"], f"adapterkit quickstart (held-out prompts, ground-truth "
-                                             f"scorer) - {args.out}"))
-    if summary.get("profile"):
-        print(f"registry {summary['registry']}, profile {summary['profile']}:")
-        print("\n".join("  " + line for line in summary["registry_tree"]))
-    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items())
-    print(f"time per step: {seconds}\nsummary: {os.path.join(args.out, 'summary.json')}")
+    print_summary(summary, f"adapterkit quickstart (held-out prompts, ground-truth scorer) - {args.out}")
+    print(f"summary: {os.path.join(args.out, 'summary.json')}")
 
 
 LABELS = {"kl": "held-out KL", "eval_loss": "eval loss", "accuracy": "pair accuracy", "win_rate": "win rate"}
@@ -187,7 +183,8 @@ def stage_table(stages: dict, title: str):
                           if k not in ("adapter", "score", "parent") and isinstance(v, float))
         score, delta, worse = entry.get("score"), change(stages, stage), regression(stages, stage)
         vs = "-" if delta is None else f"{delta:+.3f} vs {entry['parent']}"
-        table.add_row(stage, os.path.relpath(entry["adapter"]) if entry.get("adapter") else "-",
+        adapter = os.path.relpath(entry["adapter"]) + " (reused)" * bool(entry.get("reused")) if entry.get("adapter") else "-"
+        table.add_row(stage, adapter,
                       f"{score:.3f}" if score is not None else "-",
                       f"[red]{vs}  worse: {worse}[/]" if worse else vs, other)
     return table
@@ -203,7 +200,7 @@ def _quickstart_args(p):
 
 # -- registry, profiles, merge, export, generate: cli_registry.py ------------------------------
 
-from adapterkit import cli_registry  # noqa: E402, F401  (registers its commands here, in this order)
+from adapterkit import cli_pipeline, cli_registry  # noqa: E402, F401  (register their commands here, in this order)
 
 
 def build_parser() -> argparse.ArgumentParser:

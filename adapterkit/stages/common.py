@@ -244,18 +244,22 @@ def load_stage_tokenizer(config: StageConfig):
 
 def base_manifest(config: StageConfig, model, tokenizer, parent: list[dict] | None = None) -> dict:
     """The manifest's common part; ``base.compute_dtype`` is the dtype this run resolved (the
-    recipe beside it keeps what was asked, e.g. ``auto``)."""
+    recipe beside it keeps what was asked, e.g. ``auto``); ``inputs`` is what the adapter
+    depends on, hashed (``inputs.stage_inputs``)."""
+    from adapterkit.inputs import stage_inputs
     from adapterkit.quant import DTYPE_NAMES, resolve_dtype
     from adapterkit.tokens import model_device
     dtype = DTYPE_NAMES[resolve_dtype(config.base.compute_dtype, model_device(model))]
+    base_fp = fingerprint(model, tokenizer)
     return {
         "name": config.output.name or config.stage, "version": None, "stage": config.stage,
         "domain": config.output.domain, "tags": list(config.output.tags),
-        "base": {"source": config.base.name, "fingerprint": fingerprint(model, tokenizer),
+        "base": {"source": config.base.name, "fingerprint": base_fp,
                  "quantization": config.base.quantization, "compute_dtype": dtype},
         "chat_template_sha256": template_hash(tokenizer),
         "parent": parent or [],
         "recipe": config.model_dump(mode="json"),
+        "inputs": stage_inputs(config, base_fp, tokenizer),  # what ``adapterkit pipeline`` reuses by
     }
 
 
