@@ -124,7 +124,7 @@ def run_step(run: Run, name: str) -> None:
             config = stage_config(run.config, name, run.adapters, resume=resume) if resume else config
             train_stage(step.stage, config)
         path = own
-        entry = publish(run, name, own, config)
+        entry = publish(run, name, own, config.output.domain)
     run.adapters[name], run.refs[name] = str(path), entry.ref
     manifest = read_manifest(path)
     row = {"adapter": str(path)}
@@ -158,10 +158,11 @@ def find_entry(run: Run, name: str, stage: str, key: str) -> Entry | None:
     return run.registry.verify(best.ref)  # a changed file is an error, named, never a silent retrain
 
 
-def publish(run: Run, name: str, folder: Path, config: StageConfig) -> Entry:
-    """Publish a step's adapter as ``<prefix><name>``, in the pipeline's (or the stage's) domain."""
+def publish(run: Run, name: str, folder: Path, domain: str) -> Entry:
+    """Publish a step's adapter as ``<prefix><name>``, in the pipeline's domain (else ``domain``,
+    the stage's)."""
     p = run.config.publish
-    return run.registry.publish(folder, name=f"{p.prefix}{name}", domain=p.domain or config.output.domain)
+    return run.registry.publish(folder, name=f"{p.prefix}{name}", domain=p.domain or domain)
 
 
 def resumable(config: StageConfig, key: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -60,6 +61,8 @@ class PublishSection(Section):
 
 class PipelineConfig(Section):
     """A pipeline recipe: stage recipes in order, each wired to the steps before it."""
+    stage: Literal["pipeline"] = "pipeline"
+    """what the recipe is: a pipeline (a stage recipe says sft, reward, dpo or ppo here)"""
     out: str = "runs/pipeline"
     """the run's folder: each step's adapter in <out>/<step>, its checkpoints in <out>/<step>.checkpoint, and summary.json"""
     overrides: list[str] = []
@@ -166,7 +169,7 @@ def explain() -> list[str]:
     for prefix, model in (("", PipelineConfig), ("stages.<name>.", PipelineStep),
                           ("score.", ScoreSection), ("publish.", PublishSection)):
         for key, field in model.model_fields.items():
-            if key in ("score", "publish"):
+            if key in ("score", "publish", "stage"):
                 continue
             default = "required" if field.is_required() else f"default {field.default!r}"
             lines.append(f"  {prefix}{key} ({default}): {field.description}")
