@@ -45,7 +45,7 @@ def _pipeline_args(p):
     p.add_argument("recipe", nargs="?", help="a pipeline recipe YAML file, or tiny_pipeline")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides of the pipeline recipe, e.g. out=runs/x save_steps=20 "
-                        "'stages.sft.overrides=[train.max_steps=10]'")
+                        "'overrides=[train.max_steps=10]' (a list replaces the recipe's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (progress=false)")
     p.add_argument("--json", action="store_true", help="print summary.json (one JSON document) instead of the table")
     p.add_argument("--explain", action="store_true", help="every key of a pipeline recipe, its default and meaning")

@@ -169,7 +169,7 @@ def explain() -> list[str]:
     for prefix, model in (("", PipelineConfig), ("stages.<name>.", PipelineStep),
                           ("score.", ScoreSection), ("publish.", PublishSection)):
         for key, field in model.model_fields.items():
-            if key in ("score", "publish", "stage"):
+            if not prefix and key in ("score", "publish", "stage"):
                 continue
             default = "required" if field.is_required() else f"default {field.default!r}"
             lines.append(f"  {prefix}{key} ({default}): {field.description}")
