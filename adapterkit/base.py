@@ -1,6 +1,7 @@
 """Load a base (quantized or not) and fingerprint it. Named adapters on it: ``adapters.py``."""
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,19 @@ def weights_part(path: Path) -> str:
     return sha256_json({p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
 
 
+@functools.lru_cache(maxsize=4)
+def _weights_part_of(path: str, stats: tuple) -> str:
+    return weights_part(Path(path))
+
+
+def _cached_weights_part(path: Path) -> str:
+    """``weights_part``, hashed once per process while the files keep their size and mtime: a
+    pipeline fingerprints its base for every stage (16 GB of an 8B base each time otherwise).
+    ``check_base_on_disk`` always hashes anew."""
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors")))
+    return _weights_part_of(str(path.resolve()), stats)
+
+
 def trained_base(manifest: dict, where: Path | None = None) -> BaseSection:
     """The base an adapter was trained on, from its recipe (or its manifest's base record),
     with ``trust_remote_code`` off: a manifest is someone else's file and may not choose to
@@ -182,7 +196,7 @@ def _fingerprint(model_config, tokenizer) -> dict:
     source = model_config._name_or_path
     path = Path(source)
     if path.is_dir():
-        weights = weights_part(path)
+        weights = _cached_weights_part(path)
     else:
         weights = sha256_json({"hub_revision": getattr(model_config, "_commit_hash", None) or "unknown"})
     parts = {"config": sha256_json(config), "tokenizer": sha256_json(sorted(tokenizer.get_vocab().items())),

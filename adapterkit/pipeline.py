@@ -122,7 +122,10 @@ def run_step(run: Run, name: str) -> None:
             from adapterkit.stages import train_stage
             resume = resumable(config, key)
             config = stage_config(run.config, name, run.adapters, resume=resume) if resume else config
-            train_stage(step.stage, config)
+            recorded = train_stage(step.stage, config).manifest.get("inputs", {}).get("sha256")
+            if recorded != key:  # the next run could not reuse it: say so, do not hide it
+                log.warning("%s: the inputs the stage recorded (%s) are not the ones computed before it "
+                            "(%s); a rerun will train it again", name, str(recorded)[:12], key[:12])
         path = own
         entry = publish(run, name, own, config.output.domain)
     run.adapters[name], run.refs[name] = str(path), entry.ref
