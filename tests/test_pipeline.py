@@ -26,8 +26,9 @@ def small_data(tiny_dir: Path, folder: Path, rows: int = 16) -> dict[str, Path]:
     return out
 
 
-def write_recipe(tmp_path: Path, tiny_dir: Path, score: bool = True, **top) -> Path:
-    """A user pipeline: shipped stage recipes, its own JSONL files, a few steps each."""
+def write_recipe(tmp_path: Path, tiny_dir: Path, score: bool = True, evals: bool = True, **top) -> Path:
+    """A user pipeline: shipped stage recipes, its own JSONL files, a few steps each (with
+    ``evals=False``, no held-out evaluation: only the training runs)."""
     d = small_data(tiny_dir, tmp_path / "data")
     recipe = {
         "stage": "pipeline", "out": str(tmp_path / "run"), **top,
@@ -45,6 +46,9 @@ def write_recipe(tmp_path: Path, tiny_dir: Path, score: bool = True, **top) -> P
                     "overrides": [f"data.train={d['prompts']}", f"data.eval={d['prompts_eval']}", "train.max_steps=1",
                                   "ppo.rollout_batch_size=16", "train.batch_size=8", "ppo.ppo_epochs=1",
                                   "ppo.eval_every=0", "ppo.keep_best=false"]}}}
+    if not evals:
+        for name, step in recipe["stages"].items():
+            step["overrides"] += ["data.eval=null", *(["dpo.prompts=null"] if name == "dpo" else [])]
     if score:
         recipe["score"] = {"scorer": "tiny", "prompts": str(d["prompts_eval"])}
     path = tmp_path / "pipeline.yaml"
@@ -96,7 +100,7 @@ def test_pipeline_runs_end_to_end_then_reuses_every_stage(tiny_dir, tmp_path, ca
 def test_killed_mid_stage_then_run_again_finishes_with_every_adapter(tiny_dir, tmp_path, monkeypatch):
     """SIGKILL while DPO trains (after its first checkpoint); the rerun reuses SFT and the reward
     model, resumes DPO from its checkpoint, trains PPO: every adapter is there."""
-    recipe = write_recipe(tmp_path, tiny_dir, score=False, save_steps=1)
+    recipe = write_recipe(tmp_path, tiny_dir, score=False, evals=False, save_steps=1)
     killed_at = kill_when_checkpointed(["pipeline", str(recipe), "--quiet"], tmp_path / "run" / "dpo.checkpoint")
     assert killed_at >= 1 and not (tmp_path / "run" / "dpo").exists() and not (tmp_path / "run" / "ppo").exists()
     import adapterkit.stages
