@@ -64,12 +64,12 @@ def _run_frontier(args) -> None:
     from rich.table import Table
     table = Table(title=f"reward against KL - scored by {result['measure']['scorer']} on "
                         f"{result['measure']['prompts']}")
-    for col in ("method", "coefficient", "held-out score", "KL to parent", "adapter", "seconds"):
+    for col in ("method", "coefficient", "held-out score", "KL to parent", "adapter", "seconds (CPU)"):
         table.add_column(col)
     table.add_row("parent", "-", f"{result['parent_score']:.3f}", "0", " + ".join(result["parent"]), "-")
     for p in result["points"]:
         table.add_row(p["method"], f"{p['coef_name']}={p['coef']:g}", f"{p['score']:.3f}", f"{p['kl']:.4f}",
-                      os.path.relpath(p["adapter"]), "reused" if not p["trained"] else f"{p['seconds']:.0f}")
+                      os.path.relpath(p["adapter"]), "reused" if not p["trained"] else f"{p['seconds']:.0f} ({p['cpu_seconds']:.0f})")
     con.print(table)
     print(f"plot: {os.path.relpath(result['plot'])}\njson: {os.path.relpath(os.path.join(args.out, 'frontier.json'))}")
 

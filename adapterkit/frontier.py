@@ -25,9 +25,10 @@ from adapterkit.errors import ConfigError, OutputError
 
 COEFFICIENTS = {"dpo": "beta", "ppo": "kl_coef"}  # method -> the coefficient the frontier varies
 LABELS = {"dpo": "DPO (beta)", "ppo": "PPO (kl_coef)"}
-# Tiny task, 2 shared CPU cores: these 2 + 2 points train in about a minute (docs: README).
-DEFAULT_BETAS = (0.05, 0.5)
-DEFAULT_KL_COEFS = (0.05, 0.5)
+# The tiny recipes' own coefficients (a pipeline passes its DPO and PPO adapters as those points)
+# and one stronger pull to the parent each: benchmarks/results/frontier_tiny_cpu.json.
+DEFAULT_BETAS = (0.1, 1.0)
+DEFAULT_KL_COEFS = (0.2, 1.0)
 MARK = "frontier.json"  # a folder holding it was made by ``run_frontier`` (and may be re-run)
 
 
@@ -71,7 +72,8 @@ class Point:
     parent_score: float  # the parent's, measured in the same run
     adapter: str
     trained: bool        # False: given (reused), not trained by this frontier
-    seconds: float | None = None
+    seconds: float | None = None      # wall-clock training + evaluation time (None: given)
+    cpu_seconds: float | None = None  # this process's CPU time for it (a shared machine's wall clock varies)
     best_step: int | None = None  # PPO with ppo.keep_best: the step it kept (selected on the same prompts)
 
     @property
@@ -165,12 +167,12 @@ def plan(out: Path, betas, kl_coefs, parent, reward, dpo_recipe: str, ppo_recipe
 # -- points ------------------------------------------------------------------------------------
 
 def point_from_metrics(method: str, coef: float, metrics: dict, adapter: str, trained: bool,
-                       seconds: float | None = None) -> Point:
+                       seconds: tuple[float, float] = (None, None)) -> Point:
     if "score" not in metrics or "kl" not in metrics:
         raise ConfigError(f"{adapter}: its manifest has no held-out score and kl (it was trained "
                           "without held-out prompts or a scorer)")
     return Point(method, coef, metrics["score"], metrics["kl"], metrics["parent_score"], str(adapter),
-                 trained, seconds, metrics.get("best_step"))
+                 trained, *seconds, best_step=metrics.get("best_step"))
 
 
 def given_point(ref, measure: Measure, parent: list[str], base) -> Point:
@@ -209,10 +211,10 @@ def remeasure(folder: Path, parent: list[str], measure: Measure, base) -> dict:
 
 def train_point(method: str, coef: float, config) -> Point:
     from adapterkit.stages import train_stage
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     record = train_stage(method, config)
     return point_from_metrics(method, coef, record.metrics, str(record.path), True,
-                              round(time.perf_counter() - start, 1))
+                              (round(time.perf_counter() - start, 1), round(time.process_time() - cpu, 1)))
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -234,14 +236,14 @@ def write_result(out: Path, measure: Measure, parent: list[str], points: list[Po
               "measure": asdict(measure), "parent_score": parent_score,
               "points": [{**asdict(p), "coef_name": p.coef_name} for p in points]}
     if done:
-        result["plot"] = str(plot(out / "frontier.png", points, parent_score))
+        result["plot"] = str(plot(out / "frontier.png", points, parent_score, measure))
     tmp = out / f".{MARK}.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / MARK)
     return result
 
 
-def plot(path: Path, points: list[Point], parent_score: float | None) -> Path | None:
+def plot(path: Path, points: list[Point], parent_score: float | None, measure: Measure) -> Path | None:
     """One line per method through its points in order of coefficient (strongest pull to the
     parent first), each point labelled with its coefficient; the parent at KL 0."""
     from adapterkit.plots import plot_curves
@@ -253,7 +255,8 @@ def plot(path: Path, points: list[Point], parent_score: float | None) -> Path | 
         if mine:
             lines[label] = [(p.kl, p.score) for p in mine]
             notes[label] = [f"{p.coef:g}" for p in mine]
-    return plot_curves(path, {"held-out score against KL to the parent": lines}, "reward against KL",
+    return plot_curves(path, {"held-out score against KL to the parent": lines},
+                       f"reward against KL (scored by {measure.scorer}, greedy, {measure.max_new_tokens} tokens)",
                        xlabel="KL(policy || parent), mean per token, held-out", notes=notes)
 
 

@@ -92,6 +92,6 @@ def test_bad_arguments_one_line_exit_2(argv, says, tmp_path, monkeypatch, capsys
 
 def test_refuses_an_out_folder_it_did_not_make(tmp_path, capsys, ak_home):
     (tmp_path / "mine.txt").write_text("keep me")
-    assert main(["frontier", "--out", str(tmp_path), "--parent", "x"]) == 2
+    assert main(["frontier", "--out", str(tmp_path), "--parent", "x", "--reward", "tiny"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep me" and not (tmp_path / "frontier.json").exists()
