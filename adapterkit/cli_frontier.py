@@ -64,13 +64,16 @@ def _run_frontier(args) -> None:
     from rich.table import Table
     table = Table(title=f"reward against KL - scored by {result['measure']['scorer']} on "
                         f"{result['measure']['prompts']}")
-    for col in ("method", "coefficient", "held-out score", "KL to parent", "adapter", "seconds (CPU)"):
+    for col in ("method", "coefficient", "held-out score", "KL to parent", "seconds (CPU)"):
         table.add_column(col)
-    table.add_row("parent", "-", f"{result['parent_score']:.3f}", "0", " + ".join(result["parent"]), "-")
+    table.add_row("parent", "-", f"{result['parent_score']:.3f}", "0", "-")
     for p in result["points"]:
         table.add_row(p["method"], f"{p['coef_name']}={p['coef']:g}", f"{p['score']:.3f}", f"{p['kl']:.4f}",
-                      os.path.relpath(p["adapter"]), "reused" if not p["trained"] else f"{p['seconds']:.0f} ({p['cpu_seconds']:.0f})")
+                      "reused" if not p["trained"] else f"{p['seconds']:.0f} ({p['cpu_seconds']:.0f})")
     con.print(table)
+    print(f"parent: {' + '.join(map(os.path.relpath, result['parent']))}")
+    for p in result["points"]:
+        print(f"{p['method']} {p['coef_name']}={p['coef']:g}: {os.path.relpath(p['adapter'])}")
     print(f"plot: {os.path.relpath(result['plot'])}\njson: {os.path.relpath(os.path.join(args.out, 'frontier.json'))}")
 
 

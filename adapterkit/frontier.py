@@ -125,11 +125,13 @@ class Plan:
     parent: list[str]
     jobs: list[tuple[str, float, object]]
     base: object  # the recipes' BaseSection (given points are re-measured on it when needed)
+    recipes: dict  # method -> its recipe's config as loaded (None when that method has no points)
+    reward: object = None  # PPO's reward, resolved
 
 
-def plan(out: Path, betas, kl_coefs, parent, reward, dpo_recipe: str, ppo_recipe: str, overrides: list[str],
-         dpo_overrides: list[str], ppo_overrides: list[str], prompts, scorer, max_new_tokens,
-         progress: bool, overwrite: bool) -> Plan:
+def make_plan(out: Path, betas, kl_coefs, parent, reward, dpo_recipe: str, ppo_recipe: str,
+              overrides: list[str], dpo_overrides: list[str], ppo_overrides: list[str], prompts, scorer,
+              max_new_tokens, progress: bool, overwrite: bool) -> Plan:
     """Every point's stage config, validated, before anything trains."""
     for name, values in (("betas", betas), ("kl_coefs", kl_coefs)):
         if any(not isinstance(v, (int, float)) or v < 0 for v in values):
@@ -146,6 +148,7 @@ def plan(out: Path, betas, kl_coefs, parent, reward, dpo_recipe: str, ppo_recipe
     if first["ppo"] is not None and reward is None:
         raise ConfigError("frontier: PPO needs a reward (--reward: a reward adapter or module:function)")
     measure = resolve_measure(first["dpo"], first["ppo"], prompts, scorer, max_new_tokens)
+    parent = [same_path(p) for p in parent]
     jobs = []
     for method, coefs, recipe, extra in (("dpo", betas, dpo_recipe, dpo_overrides),
                                          ("ppo", kl_coefs, ppo_recipe, ppo_overrides)):
@@ -161,7 +164,7 @@ def plan(out: Path, betas, kl_coefs, parent, reward, dpo_recipe: str, ppo_recipe
     from adapterkit.preflight import preflight
     for _, _, config in jobs:
         preflight(config)  # output folders, data rows, parent and reward: before the first point trains
-    return Plan(measure, list(parent), jobs, made[0].base)
+    return Plan(measure, list(parent), jobs, made[0].base, first, reward)
 
 
 # -- points ------------------------------------------------------------------------------------
@@ -175,21 +178,46 @@ def point_from_metrics(method: str, coef: float, metrics: dict, adapter: str, tr
                  trained, *seconds, best_step=metrics.get("best_step"))
 
 
-def given_point(ref, measure: Measure, parent: list[str], base) -> Point:
-    """A DPO or PPO adapter trained elsewhere (e.g. by the pipeline) on the same parent: its
-    coefficient and metrics from its manifest, re-measured when it was scored another way."""
+# What a given point must share with the frontier's recipe to sit on its curve (besides the
+# parent, the reward and the coefficient itself).
+SAME = {"dpo": ("mode", "loss_type", "label_smoothing", "sft_weight"),
+        "ppo": ("kl_estimator", "whiten_rewards", "temperature", "ppo_epochs", "rollout_batch_size")}
+
+
+def check_same_recipe(ref, method: str, recipe: dict, folder: Path, plan: Plan) -> None:
+    """Refuse a given point trained another way than the frontier trains its method."""
+    from adapterkit.artifact import recorded_path
+    ours = plan.recipes.get(method)
+    if ours is None:
+        return
+    ours = ours.model_dump(mode="json")[method]
+    keys = [f"{method}.{k}={recipe[method].get(k)} (the frontier's: {ours.get(k)})" for k in SAME[method]
+            if recipe[method].get(k) != ours.get(k)]
+    if method == "ppo" and same_path(recorded_path(folder, str(recipe["ppo"].get("reward")))) != \
+            same_path(rewards.describe(plan.reward)):
+        keys.append(f"ppo.reward={recipe['ppo'].get('reward')} (the frontier's: {rewards.describe(plan.reward)})")
+    if keys:
+        raise ConfigError(f"{ref}: trained with {', '.join(keys)}; not a point of this frontier's curve")
+
+
+def given_point(ref, plan: Plan) -> Point:
+    """A DPO or PPO adapter trained elsewhere (e.g. by the pipeline) on the same parent and
+    recipe: its coefficient and metrics from its manifest, re-measured when it was scored
+    another way."""
     from adapterkit.adapters import checked_adapter
     from adapterkit.artifact import sha256_file
     folder, manifest = checked_adapter(ref, tuple(COEFFICIENTS), "frontier point")
     method, recipe = manifest["stage"], manifest["recipe"]
     want = [sha256_file(checked_adapter(p, ("sft", "dpo", "ppo", "merge"), "parent")[0]
-                        / "adapter_model.safetensors") for p in parent]
+                        / "adapter_model.safetensors") for p in plan.parent]
+    measure, parent = plan.measure, plan.parent
     if [p.get("sha256") for p in manifest.get("parent", [])] != want:
         raise ConfigError(f"{ref}: trained on another parent than the frontier's ({', '.join(parent)})")
+    check_same_recipe(ref, method, recipe, folder, plan)
     coef = float(recipe[method][COEFFICIENTS[method]])
     metrics = manifest.get("metrics", {})
     if measure.recorded(method, recipe, folder) != measure or "parent_score" not in metrics:
-        metrics = {**metrics, **remeasure(folder, parent, measure, base)}
+        metrics = {**metrics, **remeasure(folder, parent, measure, plan.base)}
     return point_from_metrics(method, coef, metrics, str(folder), trained=False)
 
 
@@ -275,9 +303,9 @@ def run_frontier(out: str | os.PathLike, *, betas=DEFAULT_BETAS, kl_coefs=DEFAUL
     out = Path(out).resolve()
     check_out(out, overwrite)
     betas, kl_coefs = list(betas), list(kl_coefs)
-    first = plan(out, betas, kl_coefs, parent, reward, dpo_recipe, ppo_recipe, list(overrides), list(dpo_overrides),
-                 list(ppo_overrides), prompts, scorer, max_new_tokens, progress, overwrite)
-    given = [given_point(ref, first.measure, first.parent, first.base) for ref in points]
+    first = make_plan(out, betas, kl_coefs, parent, reward, dpo_recipe, ppo_recipe, list(overrides),
+                      list(dpo_overrides), list(ppo_overrides), prompts, scorer, max_new_tokens, progress, overwrite)
+    given = [given_point(ref, first) for ref in points]
     if not given and not first.jobs:
         raise ConfigError("frontier: no points: give --betas and/or --kl-coefs")
     todo = [j for j in first.jobs if (j[0], j[1]) not in {(p.method, p.coef) for p in given}]

@@ -61,6 +61,9 @@ def test_given_points_are_reused_not_retrained(first_run, short_sft, tmp_path, m
     [point] = again["points"]
     assert not point["trained"] and (point["score"], point["kl"]) == (dpo["score"], dpo["kl"])
     assert (tmp_path / "again" / "frontier.png").is_file()
+    with pytest.raises(frontier.ConfigError, match="dpo.loss_type=sigmoid"):  # another curve's point
+        frontier.run_frontier(tmp_path / "ipo", betas=[0.1], kl_coefs=[], parent=[short_sft],
+                              dpo_overrides=[*DPO, "dpo.loss_type=ipo"], points=[dpo["adapter"]], progress=False)
 
 
 def test_remeasure_is_the_stages_measurement(first_run, short_sft):
