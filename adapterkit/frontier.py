@@ -2,7 +2,8 @@
 parent, each point's held-out score against its KL to the parent, one curve per method (the
 picture of Rafailov et al. 2023, Fig. 2 left).
 
-    run_frontier("runs/frontier", betas=[0.05, 0.5], kl_coefs=[0.05, 0.5])   # tiny recipes' parent and reward
+    run_frontier("runs/frontier")    # the tiny recipes, their parent and reward, DEFAULT_BETAS / DEFAULT_KL_COEFS
+    run_frontier("runs/f", betas=[0.1], kl_coefs=[0.2, 1.0], points=["runs/tiny/dpo"])  # one point reused
 
 Every point is an adapter trained by its stage's own function (``train_dpo``, ``train_ppo``)
 and measured by the stage's own held-out evaluation (``evaluate.compare_to_parent``: greedy
@@ -41,11 +42,11 @@ class Measure:
     max_new_tokens: int
 
     def dpo(self) -> list[str]:
-        return [f"dpo.prompts={self.prompts}", f"dpo.scorer={self.scorer}",
+        return [f"dpo.prompts={json.dumps(self.prompts)}", f"dpo.scorer={json.dumps(self.scorer)}",
                 f"dpo.max_new_tokens={self.max_new_tokens}"]
 
     def ppo(self) -> list[str]:
-        return [f"data.eval={self.prompts}", f"ppo.scorer={self.scorer}",
+        return [f"data.eval={json.dumps(self.prompts)}", f"ppo.scorer={json.dumps(self.scorer)}",
                 f"ppo.max_new_tokens={self.max_new_tokens}"]
 
     def recorded(self, method: str, recipe: dict, folder: Path) -> "Measure":
@@ -155,8 +156,8 @@ def make_plan(out: Path, betas, kl_coefs, parent, reward, dpo_recipe: str, ppo_r
         for coef in coefs:
             name = f"{method}-{COEFFICIENTS[method]}{coef:g}"
             pins = [f"{method}.parent={json.dumps(list(parent))}", f"{method}.{COEFFICIENTS[method]}={coef}",
-                    *getattr(measure, method)(), f"output.dir={out / name}", f"output.name=frontier-{name}",
-                    f"output.overwrite={str(overwrite).lower()}"]
+                    *getattr(measure, method)(), f"output.dir={json.dumps(str(out / name))}",
+                    f"output.name=frontier-{name}", f"output.overwrite={str(overwrite).lower()}"]
             if method == "ppo":
                 pins += [f"ppo.reward={json.dumps(rewards.describe(reward))}", "ppo.adaptive_kl=false"]
             base = ppo_defaults if method == "ppo" else []
