@@ -297,7 +297,7 @@ def evaluate_policy(run: PPORun) -> dict:
     if not prompts:
         return {}
     out, _ = compare_to_parent(roles.peft, run.tokenizer, prompts, roles.stacks["policy"],
-                               roles.stacks["reference"], p.scorer, p.max_new_tokens, p.rollout_batch_size)
+                               roles.stacks["reference"], p.scorer, p.max_new_tokens)  # DPO's batching too
     roles.use("policy")
     return out
 
