@@ -238,6 +238,18 @@ def remeasure(folder: Path, parent: list[str], measure: Measure, base) -> dict:
     return metrics
 
 
+def earlier_point(method: str, coef: float, config) -> Point | None:
+    """The point a run of this frontier trained before into the same folder, when its inputs
+    (data, base, resolved config, parent and reward weights: ``inputs.stage_inputs``) are this
+    point's; None: train it."""
+    from adapterkit.artifact import read_manifest
+    from adapterkit.inputs import holds, stage_inputs
+    folder = Path(config.output.dir)
+    if not holds(folder, stage_inputs(config)["sha256"]):
+        return None
+    return point_from_metrics(method, coef, read_manifest(folder).get("metrics", {}), str(folder), trained=False)
+
+
 def train_point(method: str, coef: float, config) -> Point:
     from adapterkit.stages import train_stage
     start, cpu = time.perf_counter(), time.process_time()
@@ -316,6 +328,6 @@ def run_frontier(out: str | os.PathLike, *, betas=DEFAULT_BETAS, kl_coefs=DEFAUL
     for method, coef, config in todo:
         if on_point:
             on_point(method, coef)
-        done.append(train_point(method, coef, config))
+        done.append(earlier_point(method, coef, config) or train_point(method, coef, config))
         write_result(out, first.measure, first.parent, done, False)
     return write_result(out, first.measure, first.parent, done, True)

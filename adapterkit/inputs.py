@@ -78,3 +78,15 @@ def stage_inputs(config: StageConfig, fingerprint: dict | None = None, tokenizer
              "compute_dtype": DTYPE_NAMES[resolve_dtype(config.base.compute_dtype, default_device())],
              "data": data, "adapters": adapters}
     return {"sha256": sha256_json(parts), **parts}
+
+
+def holds(folder: Path, key: str) -> bool:
+    """``folder`` is a whole adapter of the inputs ``key`` (its files match its manifest)."""
+    from adapterkit.artifact import read_manifest, verify_files
+    from adapterkit.errors import AdapterkitError
+    try:
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+    except AdapterkitError:
+        return False
+    return (manifest.get("inputs") or {}).get("sha256") == key

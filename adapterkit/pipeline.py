@@ -9,8 +9,8 @@ inputs was killed (``train.save_steps``), and is published at once: the registry
 pipeline's memory. Each policy is scored on held-out prompts (``score``), and the summary
 (``<out>/summary.json``) holds the stage table's rows, the plots and the time per step.
 
-Finishing steps are functions in ``FINISH`` (``publish``: the profile); a new one (a
-reward-against-KL frontier, say) is one function there and one config section.
+Finishing steps are functions in ``FINISH``: ``publish`` (the profile) and ``frontier``
+(reward against KL from the DPO/PPO steps' parent, ``frontier.py``), each with its section.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adapterkit.artifact import read_manifest, verify_files
+from adapterkit.artifact import read_manifest
 from adapterkit.config import StageConfig
 from adapterkit.errors import AdapterkitError, OutputError
 from adapterkit.pipeline_config import POLICY, PipelineConfig, stage_config
@@ -32,7 +32,8 @@ log = logging.getLogger("adapterkit")
 MARKER = "pipeline-inputs.json"  # in a step's checkpoint folder: the inputs its checkpoints are of
 HELP = {"base": "score the base on the held-out prompts", "sft": "supervised fine-tuning",
         "reward": "a reward model on preference pairs", "dpo": "DPO", "ppo": "PPO",
-        "publish": "set the profile to the best-scoring policy and its parents"}
+        "publish": "set the profile to the best-scoring policy and its parents",
+        "frontier": "reward against KL: DPO and PPO at more coefficients from the same parent"}
 # What the table shows of each stage's metrics, beside the score: row key -> metric.
 REPORTED = {"sft": {"eval_loss": "eval_loss"}, "reward": {"accuracy": "eval_accuracy"},
             "dpo": {"kl": "kl", "win_rate": "win_rate"}, "ppo": {"kl": "kl"}}
@@ -83,6 +84,7 @@ def run_pipeline(config: PipelineConfig, on_step: Callable[[str, str], None] | N
         step(run)
         seconds[name] = round(time.perf_counter() - start, 1)
     run.summary["plots"] = [str(p) for name in config.stages for p in sorted(Path(run.adapters[name]).glob("*.png"))]
+    run.summary["plots"] += [run.summary["frontier"]] if "frontier" in run.summary else []
     run.summary["seconds"] = seconds
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "summary.json").write_text(json.dumps(run.summary, indent=2))
@@ -106,7 +108,7 @@ def check_all(run: Run) -> None:
 
 def run_step(run: Run, name: str) -> None:
     """Reuse, resume or train step ``name``; publish it; add its row to the summary."""
-    from adapterkit.inputs import stage_inputs
+    from adapterkit.inputs import holds, stage_inputs
     step = run.config.stages[name]
     config = stage_config(run.config, name, run.adapters)
     key = stage_inputs(config)["sha256"]
@@ -139,16 +141,6 @@ def run_step(run: Run, name: str) -> None:
     row.update({k: metrics[m] for k, m in REPORTED.get(step.stage, {}).items() if m in metrics})
     row.update(reused=reused, registry_ref=entry.ref)
     run.summary["stages"][name] = row
-
-
-def holds(folder: Path, key: str) -> bool:
-    """``folder`` is a whole adapter of these inputs (its files match its manifest)."""
-    try:
-        manifest = read_manifest(folder)
-        verify_files(folder, manifest)
-    except AdapterkitError:
-        return False
-    return (manifest.get("inputs") or {}).get("sha256") == key
 
 
 def find_entry(run: Run, name: str, stage: str, key: str) -> Entry | None:
@@ -233,4 +225,27 @@ def finish_publish(run: Run) -> None:
     run.summary["registry_tree"] = tree_lines(lineage(run.registry, top))
 
 
-FINISH: dict[str, Callable[[Run], None]] = {"publish": finish_publish}
+def finish_frontier(run: Run) -> None:
+    """``frontier``: DPO at ``betas`` and PPO at ``kl_coefs`` on the steps' parent, recipe and
+    reward, in ``<out>/frontier``; the steps themselves are points, and a point trained by an
+    earlier run on the same inputs is reused (``frontier.run_frontier``)."""
+    f = run.config.frontier
+    steps = {m: run.config.stages[s] for m, s in (("dpo", f.dpo), ("ppo", f.ppo)) if s}
+    if not steps:
+        return
+    from adapterkit.frontier import run_frontier
+    first = next(iter(steps.values()))
+    ppo = steps.get("ppo")
+    recipes = {f"{m}_recipe": step.recipe for m, step in steps.items()}
+    result = run_frontier(
+        run.out / "frontier", betas=f.betas if "dpo" in steps else [], kl_coefs=f.kl_coefs if ppo else [],
+        parent=[run.adapters[p] for p in first.parent],
+        reward=run.adapters[ppo.reward] if ppo and ppo.reward else None, **recipes,
+        overrides=run.config.overrides, dpo_overrides=steps["dpo"].overrides if "dpo" in steps else [],
+        ppo_overrides=ppo.overrides if ppo else [], prompts=run.config.score.prompts,
+        scorer=run.config.score.scorer, points=[run.adapters[s] for s in (f.dpo, f.ppo) if s],
+        progress=run.config.progress)
+    run.summary["frontier"] = result["plot"]
+
+
+FINISH: dict[str, Callable[[Run], None]] = {"publish": finish_publish, "frontier": finish_frontier}

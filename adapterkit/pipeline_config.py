@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 from adapterkit.config import (STAGE_CONFIGS, ScorerRef, StageConfig, _format_validation, apply_overrides,
                                load_config, recipe_path)
 from adapterkit.errors import ConfigError
+from adapterkit.frontier import DEFAULT_BETAS, DEFAULT_KL_COEFS
 from adapterkit.refs import NAME_RE
 from adapterkit.sections import Section
 
@@ -59,6 +60,17 @@ class PublishSection(Section):
     """a profile set, at the end, to the best-scoring policy step's serving stack (its parents, then it); none: no profile"""
 
 
+class FrontierSection(Section):
+    dpo: str | None = None
+    """a DPO step: the frontier trains DPO at `betas` on its parent and recipe (the step is one of the points)"""
+    ppo: str | None = None
+    """a PPO step: the frontier trains PPO at `kl_coefs` on its parent, reward and recipe (the step is one of the points)"""
+    betas: list[float] = list(DEFAULT_BETAS)
+    """dpo.beta of the DPO points (one equal to the step's own is that step, not trained again)"""
+    kl_coefs: list[float] = list(DEFAULT_KL_COEFS)
+    """ppo.kl_coef of the PPO points (likewise)"""
+
+
 class PipelineConfig(Section):
     """A pipeline recipe: stage recipes in order, each wired to the steps before it."""
     stage: Literal["pipeline"] = "pipeline"
@@ -75,6 +87,8 @@ class PipelineConfig(Section):
     """how the table scores each policy"""
     publish: PublishSection = PublishSection()
     """where the adapters are published (and reused from)"""
+    frontier: FrontierSection = FrontierSection()
+    """reward against KL (`adapterkit frontier`) from the dpo/ppo steps' parent, in <out>/frontier; none set: no frontier"""
     stages: dict[str, PipelineStep]
     """the steps, in the order they run, by name (sft, reward, dpo, ppo, or any name with `stage:`)"""
 
@@ -101,6 +115,14 @@ class PipelineConfig(Section):
             if step.reward is not None and seen.get(step.reward) != "reward":
                 raise ValueError(f"{where}.reward: {step.reward!r} is not an earlier reward step")
             seen[name] = kind
+        f = self.frontier
+        for method, name in (("dpo", f.dpo), ("ppo", f.ppo)):
+            if name is not None and seen.get(name) != method:
+                raise ValueError(f"frontier.{method}: {name!r} is not a {method} step")
+            if name is not None and not self.stages[name].parent:
+                raise ValueError(f"frontier.{method}: the step {name!r} has no parent to measure KL against")
+        if f.dpo and f.ppo and self.stages[f.dpo].parent != self.stages[f.ppo].parent:
+            raise ValueError(f"frontier: the steps {f.dpo} and {f.ppo} have other parents; one frontier has one parent")
         return self
 
 
@@ -167,9 +189,10 @@ def explain() -> list[str]:
     """Every key of a pipeline recipe with its type, default and meaning."""
     lines: list[str] = []
     for prefix, model in (("", PipelineConfig), ("stages.<name>.", PipelineStep),
-                          ("score.", ScoreSection), ("publish.", PublishSection)):
+                          ("score.", ScoreSection), ("publish.", PublishSection),
+                          ("frontier.", FrontierSection)):
         for key, field in model.model_fields.items():
-            if not prefix and key in ("score", "publish", "stage"):
+            if not prefix and key in ("score", "publish", "frontier", "stage"):
                 continue
             default = "required" if field.is_required() else f"default {field.default!r}"
             lines.append(f"  {prefix}{key} ({default}): {field.description}")

@@ -45,7 +45,7 @@ def write_recipe(tmp_path: Path, tiny_dir: Path, score: bool = True, evals: bool
             "ppo": {"recipe": "tiny_ppo", "parent": ["sft"], "reward": "reward",
                     "overrides": [f"data.train={d['prompts']}", f"data.eval={d['prompts_eval']}", "train.max_steps=1",
                                   "ppo.rollout_batch_size=16", "train.batch_size=8", "ppo.ppo_epochs=1",
-                                  "ppo.eval_every=0", "ppo.keep_best=false"]}}}
+                                  "ppo.eval_every=0", "ppo.keep_best=false", "ppo.kl_coef=0.2"]}}}
     if not evals:
         for name, step in recipe["stages"].items():
             step["overrides"] += ["data.eval=null", *(["dpo.prompts=null"] if name == "dpo" else [])]
@@ -61,7 +61,8 @@ def files_state(folder: Path) -> dict:
 
 
 def test_pipeline_runs_end_to_end_then_reuses_every_stage(tiny_dir, tmp_path, capsys, monkeypatch):
-    recipe = write_recipe(tmp_path, tiny_dir)
+    recipe = write_recipe(tmp_path, tiny_dir, frontier={"dpo": "dpo", "ppo": "ppo", "betas": [0.1, 1.0],
+                                                        "kl_coefs": [0.2]})
     assert main(["pipeline", str(recipe), "--quiet", "--json"]) == 0
     first = json.loads(capsys.readouterr().out)
     stages = first["stages"]
@@ -79,6 +80,11 @@ def test_pipeline_runs_end_to_end_then_reuses_every_stage(tiny_dir, tmp_path, ca
     assert first["profile"] == "flip" and first["registry_tree"][1].split()[1].startswith("t-sft@1")
     assert first["plots"] and all(Path(p).is_file() for p in first["plots"])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] == stages
+    frontier = json.loads((tmp_path / "run" / "frontier" / "frontier.json").read_text())  # the steps are points
+    points = {(p["method"], p["coef"]): p for p in frontier["points"]}
+    assert set(points) == {("dpo", 0.1), ("dpo", 1.0), ("ppo", 0.2)} and first["frontier"] in first["plots"]
+    assert points[("dpo", 0.1)]["adapter"] == stages["dpo"]["adapter"] and not points[("dpo", 0.1)]["trained"]
+    assert points[("dpo", 1.0)]["trained"] and Path(first["frontier"]).is_file()
 
     before = files_state(tmp_path / "run"), files_state(tmp_path / "adapters")
     import adapterkit.stages
@@ -91,8 +97,9 @@ def test_pipeline_runs_end_to_end_then_reuses_every_stage(tiny_dir, tmp_path, ca
         assert second["stages"][name].get("score") == stages[name].get("score")  # same adapters, same scores
     assert "(reused)" in out and "time per step" in out and "plots:" in out
     after = files_state(tmp_path / "run"), files_state(tmp_path / "adapters")
-    assert {k: v for k, v in after[0].items() if not k.endswith("summary.json")} == \
-        {k: v for k, v in before[0].items() if not k.endswith("summary.json")}  # no adapter file touched
+    written = ("summary.json", "frontier.json", "frontier.png")  # rewritten each run, from the same adapters
+    assert {k: v for k, v in after[0].items() if not k.endswith(written)} == \
+        {k: v for k, v in before[0].items() if not k.endswith(written)}  # no adapter file touched
     assert {k: v for k, v in after[1].items() if "index.sqlite" not in k} == \
         {k: v for k, v in before[1].items() if "index.sqlite" not in k}  # no new registry version
 
@@ -129,6 +136,7 @@ def test_killed_mid_stage_then_run_again_finishes_with_every_adapter(tiny_dir, t
     ({"stages": {"sft": {"recipe": "tiny_sft", "overrides": ["data.train=nosuch.jsonl"]}}}, "nosuch.jsonl: no such file"),
     ({"stages": {"mine": {"recipe": "tiny_sft"}}}, "stages.mine.stage: required"),
     ({"stage": "sft"}, "stage: Input should be 'pipeline'"),
+    ({"frontier": {"dpo": "sft"}}, "frontier.dpo: 'sft' is not a dpo step"),
 ])
 def test_a_bad_pipeline_recipe_is_one_line_before_any_model_loads(change, message, tiny_dir, tmp_path, capsys,
                                                                  monkeypatch):
