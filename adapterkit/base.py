@@ -16,7 +16,10 @@ log = logging.getLogger("adapterkit")
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device (``distributed.device``): ``cuda`` or ``cpu`` alone, each
+    process's own ``cuda:<local rank>`` under ``accelerate launch``."""
+    from adapterkit.distributed import device
+    return device()
 
 
 def resolve_base(name: str) -> str:
@@ -81,8 +84,8 @@ def release_freed_memory(device) -> None:
 
 
 def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
-    """The base causal LM, quantized as the section says, on CUDA when present, in the
-    section's compute dtype as resolved for that device (``quant.resolve_dtype``).
+    """The base causal LM, quantized as the section says, on this process's device
+    (``default_device``: CUDA when present), in the section's compute dtype as resolved for that device (``quant.resolve_dtype``).
 
     ``num_labels`` loads it as a sequence classifier instead (a reward model: 1)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

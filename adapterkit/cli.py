@@ -64,6 +64,9 @@ def _train(stage: str, args) -> None:
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     config = load_config(stage, args.recipe, overrides)
     record = train_stage(stage, config)
+    from adapterkit.distributed import is_main
+    if not is_main():  # under `accelerate launch`: the main process reports, once
+        return
     if args.json:
         print_json({"adapter": str(record.path), "metrics": record.metrics})
     else:
@@ -242,10 +245,12 @@ def one_line(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adapterkit.distributed import quiet_rank
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    quiet = quiet_rank()  # under `accelerate launch`, every process but the first logs errors only
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+    if quiet or not args.verbose:
         _quiet_libraries()
     json_out = getattr(args, "json", False)
     try:
