@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from adapterkit import quant
+from adapterkit.distributed import sharded
 from adapterkit.artifact import sha256_file, sha256_json
 from adapterkit.sections import BaseSection
 from adapterkit.errors import AdapterkitError, CompatibilityError
@@ -91,13 +92,16 @@ def load_model(section: BaseSection, device: str | None = None, num_labels: int 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     device = device or default_device()
     dtype = quant.resolve_dtype(section.compute_dtype, device)
-    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant)
+    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant,
+                               quant.storage_dtype(section.quant_storage, dtype))
     auto, extra = ((AutoModelForCausalLM, {}) if num_labels is None
                    else (AutoModelForSequenceClassification, {"num_labels": num_labels}))
+    # FSDP / ZeRO-3 place (and shard) the weights themselves: no device map there
+    placement = {} if sharded() else {"device_map": {"": device}}
     with loading("weights", section.name):
         model = auto.from_pretrained(
             resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
-            dtype=dtype, device_map={"": device},
+            dtype=dtype, **placement,
             trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)

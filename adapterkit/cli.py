@@ -106,6 +106,31 @@ def _register_stages() -> None:
 _register_stages()
 
 
+def _run_accelerate(args) -> None:
+    from adapterkit.distributed import launch_config, launch_configs
+    if args.name:
+        path = str(launch_config(args.name))
+        if args.json:
+            print_json({"name": args.name, "path": path})
+        else:
+            print(path)
+        return
+    configs = launch_configs()
+    if args.json:
+        print_json({name: {"path": str(path), "about": about} for name, (about, path) in configs.items()})
+        return
+    for name, (about, _) in configs.items():
+        print(f"  {name:16s} {about}")
+    print("accelerate launch --config_file \"$(adapterkit accelerate NAME)\" [--num_processes N] -m adapterkit <stage> RECIPE")
+
+
+@command("accelerate", "the shipped `accelerate launch` configs (single GPU, DDP, FSDP + QLoRA, DeepSpeed "
+         "ZeRO-2/3): list them, or print one's path", _run_accelerate)
+def _accelerate_args(p):
+    p.add_argument("name", nargs="?", help="print this config's path (for accelerate launch --config_file)")
+    p.add_argument("--json", action="store_true")
+
+
 def _run_score(args) -> None:
     from adapterkit.scorer import score_file
     result = score_file(args.reward, args.data, registry=args.registry)

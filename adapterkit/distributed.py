@@ -23,6 +23,28 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def sharded() -> str | None:
+    """``fsdp`` or ``zero3`` when ``accelerate launch`` shards the model's parameters over the
+    processes (its FSDP or DeepSpeed ZeRO-3 config), else None: then the base loads without a
+    device map (the launcher places the shards) and stores its 4-bit weights in the compute
+    dtype (``quant.storage_dtype``)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "zero3"
+    return None
+
+
+def engine() -> str | None:
+    """``fsdp`` or ``deepspeed`` under those ``accelerate launch`` configs, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    return None
+
+
 def quiet_rank() -> bool:
     """True in every process of a distributed run but the first: it logs errors only. Read from
     the launcher's environment, so nothing is initialised (the CLI asks before parsing a recipe)."""
@@ -96,3 +118,25 @@ def broadcast(obj):
         return obj
     from accelerate.utils import broadcast_object_list
     return broadcast_object_list([obj], from_process=0)[0]
+
+
+# -- the shipped accelerate configs (adapterkit/accelerate/*.yaml) --------------------------------
+
+def launch_configs() -> dict[str, tuple[str, "os.PathLike"]]:
+    """Shipped ``accelerate launch --config_file`` files: name -> (first comment line, path)."""
+    from pathlib import Path
+    folder = Path(__file__).parent / "accelerate"
+    out = {}
+    for path in sorted(folder.glob("*.yaml")):
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        out[path.stem] = (first, path)
+    return out
+
+
+def launch_config(name: str):
+    """The path of the shipped config ``name`` (``ddp``, ``fsdp_qlora``, ...)."""
+    from adapterkit.errors import ConfigError
+    configs = launch_configs()
+    if name not in configs:
+        raise ConfigError(f"no shipped accelerate config {name!r}; known: {', '.join(configs)}")
+    return configs[name][1]

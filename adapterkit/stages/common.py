@@ -239,7 +239,13 @@ def keep_adapters_fp32(model) -> None:
     CPU (fp32 compute) nothing may change. The cost is small: adapters are <1% of the base.
     On a GPU the forward runs in bf16/fp16 under the trainer's autocast (``trainer_kwargs``)
     and peft casts activations to the adapter's dtype and back, so the 4-bit base still
-    computes in ``base.compute_dtype``."""
+    computes in ``base.compute_dtype``.
+
+    Under FSDP (``accelerate launch`` with ``fsdp_qlora.yaml``) they stay in the base's dtype,
+    as in the FSDP-QLoRA recipe: FSDP flattens each wrapped layer into one tensor of one dtype."""
+    from adapterkit.distributed import engine
+    if engine() == "fsdp":
+        return
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.to(torch.float32)
