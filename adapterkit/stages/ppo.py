@@ -192,7 +192,7 @@ def micro_step(run: PPORun, ro: Rollout, batch: dict, idx) -> dict:
                                              rmask, p.clip_range_value)
     acc.backward(p.vf_coef * vf_loss * share)
     # token means, weighted as the losses are: their mean over processes is the global token mean
-    return {k: float(v * share) for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss),
+    return {k: float(v.detach() * share) for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss),
             ("clip_fraction", clip_fraction), ("approx_kl", approx_kl), ("value_clip_fraction", vf_clip))}
 
 
