@@ -2,7 +2,7 @@
 on, whether it is the process that writes files, and the few collective steps the stages need.
 Every stage asks here; nothing else reads ``LOCAL_RANK`` or builds a ``PartialState``.
 
-    accelerate launch --multi_gpu --num_processes 2 -m adapterkit sft tiny_sft
+    accelerate launch --config_file "$(adapterkit accelerate ddp)" --num_processes 2 -m adapterkit sft tiny_sft
 
 Without a launcher, everything here is the one-process answer (device ``cuda`` or ``cpu``,
 main process, no-op collectives). Under a launcher, accelerate's ``PartialState`` sets up the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -77,10 +78,6 @@ def num_processes() -> int:
     return state().num_processes if launched() else 1
 
 
-def process_index() -> int:
-    return state().process_index if launched() else 0
-
-
 def barrier() -> None:
     """Wait until every process gets here (nothing alone)."""
     if launched():
@@ -112,19 +109,10 @@ def mean(value: float) -> float:
     return all_sum([value])[0] / num_processes()
 
 
-def broadcast(obj):
-    """The main process's ``obj`` in every process (a decision all must take the same way)."""
-    if not launched():
-        return obj
-    from accelerate.utils import broadcast_object_list
-    return broadcast_object_list([obj], from_process=0)[0]
-
-
 # -- the shipped accelerate configs (adapterkit/accelerate/*.yaml) --------------------------------
 
-def launch_configs() -> dict[str, tuple[str, "os.PathLike"]]:
+def launch_configs() -> dict[str, tuple[str, Path]]:
     """Shipped ``accelerate launch --config_file`` files: name -> (first comment line, path)."""
-    from pathlib import Path
     folder = Path(__file__).parent / "accelerate"
     out = {}
     for path in sorted(folder.glob("*.yaml")):
@@ -133,7 +121,7 @@ def launch_configs() -> dict[str, tuple[str, "os.PathLike"]]:
     return out
 
 
-def launch_config(name: str):
+def launch_config(name: str) -> Path:
     """The path of the shipped config ``name`` (``ddp``, ``fsdp_qlora``, ...)."""
     from adapterkit.errors import ConfigError
     configs = launch_configs()
