@@ -7,7 +7,7 @@ one registry entry. Tolerance: the adapters' weights within a relative L2 distan
 the losses within 1e-4 relative. Why not bit for bit: gloo adds the two processes' gradients
 in another order than one process sums its batch (float32 addition is not associative:
 ~1e-7 relative per step), and AdamW's m / sqrt(v) turns that into whole-step differences on
-the few weights whose gradient is near 0. Observed: SFT 6e-5, DPO 4e-7, PPO 1e-5.
+the few weights whose gradient is near 0. Observed: SFT 6e-5, DPO 2e-7, PPO 2e-5.
 
 The shipped configs (``adapterkit accelerate``) load and validate with accelerate's own
 config class; the DeepSpeed ones structurally (deepspeed is not installed here).
@@ -31,7 +31,7 @@ from tests.conftest import load_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_REL = 1e-3
 LOSS_REL = 1e-4
-# The three 2-process runs are marked slow: ~100 s together on 2 shared CPU cores (plus the
+# The three 2-process runs are marked slow: 100-145 s together on 2 busy CPU cores (plus the
 # session's tiny base and SFT adapter). `slow` tests run by default, in .ci/run too.
 
 
