@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from adapterkit import quant
-from adapterkit.distributed import sharded
 from adapterkit.artifact import sha256_file, sha256_json
+from adapterkit.distributed import sharded
 from adapterkit.sections import BaseSection
 from adapterkit.errors import AdapterkitError, CompatibilityError
 
@@ -86,7 +86,8 @@ def release_freed_memory(device) -> None:
 
 def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
     """The base causal LM, quantized as the section says, on this process's device
-    (``default_device``: CUDA when present), in the section's compute dtype as resolved for that device (``quant.resolve_dtype``).
+    (``default_device``: CUDA when present), in the section's compute dtype as resolved for
+    that device (``quant.resolve_dtype``).
 
     ``num_labels`` loads it as a sequence classifier instead (a reward model: 1)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
