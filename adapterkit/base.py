@@ -10,6 +10,7 @@ import torch
 
 from adapterkit import quant
 from adapterkit.artifact import sha256_file, sha256_json
+from adapterkit.distributed import sharded
 from adapterkit.sections import BaseSection
 from adapterkit.errors import AdapterkitError, CompatibilityError
 
@@ -17,7 +18,10 @@ log = logging.getLogger("adapterkit")
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device (``distributed.device``): ``cuda`` or ``cpu`` alone, each
+    process's own ``cuda:<local rank>`` under ``accelerate launch``."""
+    from adapterkit.distributed import device
+    return device()
 
 
 def resolve_base(name: str) -> str:
@@ -82,20 +86,24 @@ def release_freed_memory(device) -> None:
 
 
 def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
-    """The base causal LM, quantized as the section says, on CUDA when present, in the
-    section's compute dtype as resolved for that device (``quant.resolve_dtype``).
+    """The base causal LM, quantized as the section says, on this process's device
+    (``default_device``: CUDA when present), in the section's compute dtype as resolved for
+    that device (``quant.resolve_dtype``).
 
     ``num_labels`` loads it as a sequence classifier instead (a reward model: 1)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     device = device or default_device()
     dtype = quant.resolve_dtype(section.compute_dtype, device)
-    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant)
+    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant,
+                               quant.storage_dtype(section.quant_storage, dtype))
     auto, extra = ((AutoModelForCausalLM, {}) if num_labels is None
                    else (AutoModelForSequenceClassification, {"num_labels": num_labels}))
+    # FSDP / ZeRO-3 place (and shard) the weights themselves: no device map there
+    placement = {} if sharded() else {"device_map": {"": device}}
     with loading("weights", section.name):
         model = auto.from_pretrained(
             resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
-            dtype=dtype, device_map={"": device},
+            dtype=dtype, **placement,
             trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)

@@ -64,6 +64,9 @@ def _train(stage: str, args) -> None:
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     config = load_config(stage, args.recipe, overrides)
     record = train_stage(stage, config)
+    from adapterkit.distributed import is_main
+    if not is_main():  # under `accelerate launch`: the main process reports, once
+        return
     if args.json:
         print_json({"adapter": str(record.path), "metrics": record.metrics})
     else:
@@ -101,6 +104,31 @@ def _register_stages() -> None:
 
 
 _register_stages()
+
+
+def _run_accelerate(args) -> None:
+    from adapterkit.distributed import launch_config, launch_configs
+    if args.name:
+        path = str(launch_config(args.name))
+        if args.json:
+            print_json({"name": args.name, "path": path})
+        else:
+            print(path)
+        return
+    configs = launch_configs()
+    if args.json:
+        print_json({name: {"path": str(path), "about": about} for name, (about, path) in configs.items()})
+        return
+    for name, (about, _) in configs.items():
+        print(f"  {name:16s} {about}")
+    print("accelerate launch --config_file \"$(adapterkit accelerate NAME)\" [--num_processes N] -m adapterkit <stage> RECIPE")
+
+
+@command("accelerate", "the shipped `accelerate launch` configs (single GPU, DDP, FSDP + QLoRA, DeepSpeed "
+         "ZeRO-2/3): list them, or print one's path", _run_accelerate)
+def _accelerate_args(p):
+    p.add_argument("name", nargs="?", help="print this config's path (for accelerate launch --config_file)")
+    p.add_argument("--json", action="store_true")
 
 
 def _run_score(args) -> None:
@@ -239,10 +267,12 @@ def one_line(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adapterkit.distributed import quiet_rank
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    quiet = quiet_rank()  # under `accelerate launch`, every process but the first logs errors only
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+    if quiet or not args.verbose:
         _quiet_libraries()
     json_out = getattr(args, "json", False)
     try:
