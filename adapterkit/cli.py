@@ -204,6 +204,7 @@ def _quickstart_args(p):
 # -- registry, profiles, merge, export, generate: cli_registry.py ------------------------------
 
 from adapterkit import cli_registry  # noqa: E402, F401  (registers its commands here, in this order)
+from adapterkit import cli_plan  # noqa: E402, F401  (adapterkit plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

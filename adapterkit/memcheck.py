@@ -1,8 +1,8 @@
-"""Measure what ``plan.py`` predicts: the peak of allocated tensor bytes while a stage trains.
+"""Measure what ``memory.py`` predicts: the peak of allocated tensor bytes while a stage trains.
 
     from adapterkit.memcheck import measure_stage
     m = measure_stage(config, steps=2)         # a real setup, then `steps` real training steps
-    m.peak_bytes, m.shape                      # -> compare with plan.plan(config, **m.shape)
+    m.peak_bytes, m.shape                      # -> compare with memory.plan(config, **m.shape)
 
 - CUDA: ``torch.cuda.max_memory_allocated`` over the training steps (everything on the card).
 - CPU: the tensors alive when training starts (every tensor object, each storage once) plus

@@ -22,6 +22,7 @@ from adapterkit.errors import AdapterkitError
 GiB = 2**30
 BNB_BLOCK = 64                          # bitsandbytes' 4-bit blocksize (one absmax per 64 weights)
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768  # trl 1.16's chunked LM head tile (SFT, DPO): tokens x vocab
+MAX_BATCH = 4096                        # the largest batch size --gpu tries
 CUDA_RESERVE = GiB                      # CUDA context, cuBLAS workspace, allocator slack: not tensors
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -110,7 +111,7 @@ def recorded_lora(ref, fallback: Lora, role: str, notes: list[str]) -> Lora:
         cfg = json.loads((Path(resolve_adapter(ref)) / "adapter_config.json").read_text())
         return Lora(int(cfg["r"]), _targets(cfg.get("target_modules")), role=role)
     except (AdapterkitError, OSError, KeyError, ValueError, TypeError):
-        notes.append(f"{role} {ref}: not found; assumed the recipe's lora (r={fallback.r})")
+        notes.append(f"{role}: not found (yet); assumed the recipe's lora (r={fallback.r})")
         return replace(fallback, trainable=False, role=role)
 
 
@@ -284,6 +285,9 @@ def _terms(config, arch: Arch, device: str, batch: int, seq: int, checkpointing:
     trainable = sum(a.params(arch) for a in adapters if a.trainable) + heads * arch.hidden
     r = max(a.r for a in adapters if a.trainable)
     static = {"base": base_bytes(arch, b.quantization, dense, b.double_quant, "score" if stage == "reward" else "lm"),
+              # CPU only: quant.py dequantizes every 4-bit layer into one reused buffer (largest in x out)
+              **({"dequant_buffer": max(i * o for i, o in arch.linears().values()) * c}
+                 if device == "cpu" and b.quantization == "nf4" else {}),
               "adapters": 4 * (sum(a.params(arch) for a in adapters) + 2 * heads * arch.hidden),  # fp32
               "optimizer": 8 * trainable,   # AdamW's two fp32 moments per trainable (fp32) weight
               "gradients": 4 * trainable}   # fp32, as the weights
@@ -311,8 +315,11 @@ def _terms(config, arch: Arch, device: str, batch: int, seq: int, checkpointing:
     resident, layer_bwd = acts[way]
     chunk = t.batch_size * t.grad_accum
     phases = {  # what each phase adds to the static terms (the gradients only while training)
-        "rollout": {"kv_cache": kv_cache_bytes(arch, p.rollout_batch_size, total, c),
-                    "prefill": inference_bytes(arch, p.rollout_batch_size * seq, c)},
+        # generation: the prompt's forward over a short cache, or the full cache at the end
+        "rollout": max({"kv_cache": kv_cache_bytes(arch, p.rollout_batch_size, seq, c),
+                        "prefill": inference_bytes(arch, p.rollout_batch_size * seq, c)},
+                       {"kv_cache": kv_cache_bytes(arch, p.rollout_batch_size, total, c)},
+                       key=lambda d: sum(d.values())),
         "scoring": {"logits": chunk * (p.max_new_tokens + 1) * arch.vocab * (c + 8),
                     "forward": inference_bytes(arch, chunk * total, c)},
         "train": {"gradients": static["gradients"], "activations": resident,
@@ -323,15 +330,26 @@ def _terms(config, arch: Arch, device: str, batch: int, seq: int, checkpointing:
     return {**static, **phases[phase]}, {k: sum(v) for k, v in acts.items()}, phase, adapters
 
 
-def plan(config, *, gpu: str | int | None = None, device: str = "cuda", batch_size: int | None = None,
-         seq_len: int | None = None, arch: Arch | None = None) -> Plan:
-    """Predict the peak memory of training ``config``'s stage, without loading any weights.
+def plan(config, overrides: list[str] = (), *, stage: str | None = None, gpu: str | int | None = None,
+         device: str = "cuda", batch_size: int | None = None, seq_len: int | None = None,
+         arch: Arch | None = None) -> Plan:
+    """Predict the peak memory of training a stage, without loading any weights (``adapterkit plan``).
 
-    ``device``: ``cuda`` (the GPU plan: compute dtype auto = bf16) or ``cpu`` (fp32).
-    ``batch_size``: default ``train.batch_size``. ``seq_len``: tokens per row, default
-    ``data.max_length`` (PPO: the prompt's; the response adds ``ppo.max_new_tokens``).
-    ``gpu``: a card ("24GB", "80GB", "24GiB" or bytes): whether it fits, and the largest
-    ``train.batch_size`` that does. ``arch``: skip reading config.json."""
+    ``config``: a loaded config, or a recipe (file or shipped name) read with ``overrides``
+    (its ``stage:`` key names the stage, else ``stage``). ``device``: ``cuda`` (the GPU plan:
+    compute dtype auto = bf16) or ``cpu`` (fp32). ``batch_size``: default ``train.batch_size``.
+    ``seq_len``: tokens per row, default ``data.max_length`` (PPO: the prompt's; the response
+    adds ``ppo.max_new_tokens``). ``gpu``: a card ("24GB", "80GB", "24GiB" or bytes): whether
+    it fits, and the largest ``train.batch_size`` that does. ``arch``: skip reading config.json.
+
+    Example::
+
+        p = ak.plan("tiny_dpo", ["train.batch_size=32"], gpu="24GB")
+        print(p.peak_bytes / 2**30, p.terms, p.max_batch_size)
+    """
+    from adapterkit.config import StageConfig
+    if not isinstance(config, StageConfig):
+        config = load_recipe(config, list(overrides), stage)
     arch = arch or load_arch(config.base)
     notes: list[str] = []
     batch = batch_size or config.train.batch_size
@@ -357,13 +375,28 @@ def plan(config, *, gpu: str | int | None = None, device: str = "cuda", batch_si
     return result
 
 
+def load_recipe(recipe, overrides: list[str], stage: str | None = None):
+    """A recipe's config, for the stage its ``stage:`` key names (or ``stage``)."""
+    import yaml
+    from adapterkit.config import load_config, recipe_path
+    from adapterkit.errors import ConfigError
+    path = recipe_path(recipe)
+    try:
+        declared = (yaml.safe_load(path.read_text()) or {}).get("stage")
+    except (yaml.YAMLError, AttributeError):
+        declared = None  # load_config reports what is wrong with the file
+    if stage is None and declared is None:
+        raise ConfigError(f"{path}: no stage: key; say which stage (--stage sft, reward, dpo or ppo)")
+    return load_config(stage or declared, recipe, overrides)
+
+
 def _batch_choices(config) -> list[int]:
     """The train.batch_size values a stage takes: any; PPO's must divide the rollout batch
     (with grad_accum)."""
     if config.stage == "ppo":
         per = config.ppo.rollout_batch_size // config.train.grad_accum
         return [b for b in range(1, per + 1) if per % b == 0]
-    return list(range(1, 4097))
+    return list(range(1, MAX_BATCH + 1))
 
 
 def largest_batch(fits, choices: list[int]) -> int:
