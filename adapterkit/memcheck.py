@@ -117,3 +117,28 @@ def measure_stage(config: StageConfig, steps: int = 2) -> Measurement:
             lengths.handle.remove()
             shape["seq_len"] = lengths.seq_len
     return Measurement(config.stage, device, int(peak), int(static), shape)
+
+
+WORDS = "hot cold up down big small hard soft high low light dark open closed".split()
+
+
+def padded_task_data(folder, rows: int = 32, longest: int = 60) -> dict[str, str]:
+    """SFT rows (``sft.jsonl``) and preference pairs (``pairs.jsonl``) in the tiny task's words
+    whose answers run from 5 to ``longest`` words: batches are padded, as real data's are, and
+    with ``data.on_long=truncate`` the longest rows fill ``data.max_length``."""
+    import json
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = lambda n, k: " ".join(WORDS[(i * 7 + k) % len(WORDS)] for i in range(n))  # noqa: E731
+    span = longest - 4
+    user = lambda k: {"role": "user", "content": "flip: " + words(6, k)}  # noqa: E731
+    answer = lambda n, k: {"role": "assistant", "content": words(n, k)}  # noqa: E731
+    with open(folder / "sft.jsonl", "w") as f:
+        for k in range(rows):
+            f.write(json.dumps({"messages": [user(k), answer(5 + k * 11 % span, k + 1)]}) + "\n")
+    with open(folder / "pairs.jsonl", "w") as f:
+        for k in range(rows):
+            f.write(json.dumps({"prompt": [user(k)], "chosen": [answer(5 + k * 11 % span, k + 1)],
+                                "rejected": [answer(5 + k * 13 % (span - 6), k + 2)]}) + "\n")
+    return {"sft": str(folder / "sft.jsonl"), "pairs": str(folder / "pairs.jsonl")}

@@ -1,7 +1,6 @@
 """Will it fit? The predicted peak memory of a stage, from the base's ``config.json`` alone.
 
-    p = plan(load_config("sft", "tiny_sft"), gpu="24GB")     # nothing loads but config.json
-    p.peak_bytes, p.terms, p.max_batch_size
+    p = plan("tiny_sft", gpu="24GB")    # p.peak_bytes, p.terms, p.max_batch_size; loads no weights
 
 Every term is a pure function of the architecture (``Arch``) and the recipe; its formula is in
 its comment. ``B`` rows per micro-batch, ``T`` tokens per row, ``H`` hidden, ``I`` MLP width,
@@ -24,6 +23,7 @@ BNB_BLOCK = 64                          # bitsandbytes' 4-bit blocksize (one abs
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768  # trl 1.16's chunked LM head tile (SFT, DPO): tokens x vocab
 MAX_BATCH = 4096                        # the largest batch size --gpu tries
 CUDA_RESERVE = GiB                      # CUDA context, cuBLAS workspace, allocator slack: not tensors
+UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": 2**20, "tb": 10**12, "tib": 2**40}  # --gpu
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -40,13 +40,8 @@ class Arch:
     tied: bool
     model_type: str = "llama"
 
-    @property
-    def qd(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kvd(self) -> int:
-        return self.kv_heads * self.head_dim
+    qd = property(lambda self: self.heads * self.head_dim)      # query width
+    kvd = property(lambda self: self.kv_heads * self.head_dim)  # key (and value) width
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer (Llama-style, gated MLP)."""
@@ -81,8 +76,6 @@ def load_arch(section) -> Arch:
     return Arch.from_config(cfg)
 
 
-# -- what a stage holds -------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Lora:
     """One LoRA adapter: rank and target modules (``all-linear``: the seven of ``LINEARS``)."""
@@ -97,9 +90,7 @@ class Lora:
 
 
 def _targets(value) -> tuple[str, ...]:
-    if value in ("all-linear", None):
-        return LINEARS
-    names = [value] if isinstance(value, str) else list(value)
+    names = LINEARS if value in ("all-linear", None) else [value] if isinstance(value, str) else list(value)
     return tuple(n for n in LINEARS if any(n == t or re.fullmatch(t, n) for t in names))
 
 
@@ -124,17 +115,15 @@ def stage_adapters(config, notes: list[str]) -> tuple[list[Lora], int]:
     reward's LoRA, or a fresh one) + the (1, H) value head."""
     lo = config.lora
     new = Lora(lo.r, _targets(lo.target_modules), trainable=True, role="trained")
-    stage, heads = config.stage, 0
-    if stage == "sft":
-        return [new], heads
-    if stage == "reward":
-        return [new], 1
+    stage = config.stage
+    if stage in ("sft", "reward"):
+        return [new], int(stage == "reward")
     section = getattr(config, stage)
     parents = [recorded_lora(p, new, f"parent {p}", notes) for p in section.parent]
     if stage == "dpo":
         if section.mode == "continue":
             new = replace(parents[-1], trainable=True, role="trained (copy of the last parent)")
-        return [*parents, new], heads
+        return [*parents, new], 0
     from adapterkit import rewards
     out = [*parents, replace(new, role="policy")]
     if rewards.is_function_ref(section.reward):
@@ -144,8 +133,6 @@ def stage_adapters(config, notes: list[str]) -> tuple[list[Lora], int]:
              if section.value_init in (None, "reward") else replace(new, role="value"))
     return [*out, reward, value], 1
 
-
-# -- the terms, in bytes ------------------------------------------------------------------------
 
 def base_bytes(arch: Arch, quantization: str, dense: int, double_quant: bool, head: str) -> int:
     """The base model. Linear layers: nf4 = 1/2 byte per weight + one absmax per 64 (1 byte
@@ -230,135 +217,118 @@ def kv_cache_bytes(arch: Arch, rows: int, tokens: int, c: int) -> int:
 
 
 def inference_bytes(arch: Arch, tokens: int, c: int) -> int:
-    """A forward without gradients keeps no activations: one layer's largest working set at a
-    time (q, k, v, attention output, the MLP's gate, up and product: 3qd + 2kvd + 3I) plus the
-    residual stream and its norm (2H), per token."""
+    """A forward without gradients: one layer's working set at a time, per token (q, k, v, the
+    attention output, the MLP's gate, up and product: 3qd + 2kvd + 3I) + residual and norm (2H)."""
     return tokens * (3 * arch.qd + 2 * arch.kvd + 3 * arch.intermediate + 2 * arch.hidden) * c
 
 
-# -- the plan -----------------------------------------------------------------------------------
-
 @dataclass
 class Plan:
-    """A stage's predicted peak memory: each term in bytes, the phase the peak falls in, and
-    what fits a card."""
+    """A stage's predicted peak: each term in bytes (``peak_bytes``: their sum), its phase, the card."""
     stage: str
     base: str
-    device: str                                   # "cuda" (the recipe's dtype; auto = bf16) or "cpu" (fp32)
+    device: str               # "cuda" (the recipe's dtype; auto = bf16) or "cpu" (fp32)
     arch: dict
-    shape: dict                                   # batch_size, seq_len (PPO: rollout, prompt, response)
+    shape: dict               # batch_size, seq_len (PPO: rollout_batch_size, response_len)
     adapters: list[dict]
-    terms: dict[str, int]                         # bytes; the peak's terms are summed in peak_bytes
+    terms: dict[str, int]
     peak_bytes: int
-    peak_phase: str                               # "train"; PPO: "rollout", "scoring" or "train"
+    peak_phase: str           # "train"; PPO: "rollout", "scoring" or "train"
     activations: dict[str, int] = field(default_factory=dict)  # with and without checkpointing
     gpu_bytes: int | None = None
-    usable_bytes: int | None = None               # gpu_bytes - CUDA_RESERVE
+    usable_bytes: int | None = None  # gpu_bytes - CUDA_RESERVE
     fits: bool | None = None
-    max_batch_size: int | None = None             # largest train.batch_size that fits, as configured
-    max_batch_size_checkpointed: int | None = None  # ... with gradient checkpointing on
+    max_batch_size: int | None = None  # the largest train.batch_size that fits; and with checkpointing:
+    max_batch_size_checkpointed: int | None = None
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    to_dict = asdict  # JSON-ready: plain numbers, strings, lists and dicts
 
 
 def dtype_bytes(name: str, device: str) -> int:
-    """Bytes of ``base.compute_dtype`` on ``device`` (``quant.resolve_dtype``: auto is bf16 on a
-    CUDA card, fp32 on CPU)."""
-    if name == "auto":
-        return 2 if device == "cuda" else 4
-    return 4 if name == "float32" else 2
+    """Bytes of ``base.compute_dtype`` on ``device`` (``quant.resolve_dtype``: auto = bf16 on CUDA, fp32 on CPU)."""
+    return (2 if device == "cuda" else 4) if name == "auto" else 4 if name == "float32" else 2
+
+
+def dense_bytes(config, c: int) -> int:
+    """Bytes of the parameters that are not quantized (embeddings, LM head, norms): peft's
+    prepare_model_for_kbit_training (SFT, reward, DPO on a quantized base) makes them fp32;
+    PPO keeps them in the compute dtype."""
+    return 4 if config.stage != "ppo" and config.base.quantization != "none" else c
+
+
+def _static(config, arch: Arch, device: str, c: int, notes: list[str]) -> tuple[dict[str, int], list[Lora], int]:
+    """(base, adapters, optimizer, gradients), the adapters, and the largest trained rank."""
+    b, dense, head = config.base, dense_bytes(config, c), "score" if config.stage == "reward" else "lm"
+    adapters, heads = stage_adapters(config, notes)
+    trainable = sum(a.params(arch) for a in adapters if a.trainable) + heads * arch.hidden
+    terms = {"base": base_bytes(arch, b.quantization, dense, b.double_quant, head),
+             # CPU only: quant.py dequantizes every 4-bit layer into one reused buffer (largest in x out)
+             **({"dequant_buffer": max(i * o for i, o in arch.linears().values()) * c}
+                if device == "cpu" and b.quantization == "nf4" else {}),
+             "adapters": 4 * (sum(a.params(arch) for a in adapters) + 2 * heads * arch.hidden),  # fp32
+             "optimizer": 8 * trainable,   # AdamW's two fp32 moments per trainable (fp32) weight
+             "gradients": 4 * trainable}   # fp32, as the weights
+    return terms, adapters, max(a.r for a in adapters if a.trainable)
 
 
 def _terms(config, arch: Arch, device: str, batch: int, seq: int, checkpointing: bool,
            notes: list[str]) -> tuple[dict[str, int], dict[str, int], str, list[Lora]]:
-    """(terms summed at the peak, the activations both ways, the peak's phase, the adapters)."""
-    stage, b = config.stage, config.base
-    c = dtype_bytes(b.compute_dtype, device)
-    # peft's prepare_model_for_kbit_training (SFT, reward, DPO on a quantized base) makes every
-    # bf16/fp16 parameter that is not quantized fp32; PPO keeps them in the compute dtype
-    dense = 4 if stage != "ppo" and b.quantization != "none" else c
-    autocast = device == "cuda" and c == 2
-    masked = not getattr(config.train, "padding_free", False)  # padded rows: an attention mask
-    adapters, heads = stage_adapters(config, notes)
-    trainable = sum(a.params(arch) for a in adapters if a.trainable) + heads * arch.hidden
-    r = max(a.r for a in adapters if a.trainable)
-    static = {"base": base_bytes(arch, b.quantization, dense, b.double_quant, "score" if stage == "reward" else "lm"),
-              # CPU only: quant.py dequantizes every 4-bit layer into one reused buffer (largest in x out)
-              **({"dequant_buffer": max(i * o for i, o in arch.linears().values()) * c}
-                 if device == "cpu" and b.quantization == "nf4" else {}),
-              "adapters": 4 * (sum(a.params(arch) for a in adapters) + 2 * heads * arch.hidden),  # fp32
-              "optimizer": 8 * trainable,   # AdamW's two fp32 moments per trainable (fp32) weight
-              "gradients": 4 * trainable}   # fp32, as the weights
-    def both(rows, seq_):  # {way: (resident, layer backward)}
-        return {k: activation_bytes(arch, rows, seq_, c, r, k == "checkpointed", autocast, masked)
-                for k in ("checkpointed", "full")}
-
-    def backward(head_name: str, head: int, layer_backward: int) -> dict:
-        # the head's backward runs before any layer's: the larger of the two sits on the resident
-        return {head_name: head} if head >= layer_backward else {"layer_backward": layer_backward}
-
-    way = "checkpointed" if checkpointing else "full"
-    if stage != "ppo":
-        rows = batch * (1 if stage == "sft" else 2)  # reward and DPO: chosen and rejected in one batch
-        acts = both(rows, seq)
-        head = (rows * seq * 4 if stage == "reward"  # the (rows, T, 1) scores
-                else fused_head_bytes(arch, rows, seq, c, dense, device))
-        name = "score_head" if stage == "reward" else "lm_head"
-        resident, layer_bwd = acts[way]
-        terms = {**static, "activations": resident, **backward(name, head, layer_bwd)}
-        return terms, {k: sum(v) for k, v in acts.items()}, "train", adapters
-    p, t = config.ppo, config.train
-    total = seq + p.max_new_tokens
-    acts = both(batch, total)
-    resident, layer_bwd = acts[way]
-    chunk = t.batch_size * t.grad_accum
-    phases = {  # what each phase adds to the static terms (the gradients only while training)
+    """(terms summed at the peak, the activations both ways, the peak's phase, the adapters).
+    The head's backward (LM head, logits) runs before any layer's: the larger of the two sits
+    on the resident activations."""
+    c = dtype_bytes(config.base.compute_dtype, device)
+    static, adapters, r = _static(config, arch, device, c, notes)
+    masked = not config.train.padding_free  # padded rows: an attention mask
+    rows = batch * (2 if config.stage in ("reward", "dpo") else 1)  # chosen and rejected in one batch
+    tokens = seq + (config.ppo.max_new_tokens if config.stage == "ppo" else 0)
+    acts = {k: activation_bytes(arch, rows, tokens, c, r, k == "checkpointed", device == "cuda" and c == 2, masked)
+            for k in ("checkpointed", "full")}
+    resident, layer_bwd = acts["checkpointed" if checkpointing else "full"]
+    name, size = (("score_head", rows * seq * 4) if config.stage == "reward"  # the (rows, T, 1) scores
+                  else ("logits", logits_bytes(arch, batch, config.ppo.max_new_tokens + 1, c)) if config.stage == "ppo"
+                  else ("lm_head", fused_head_bytes(arch, rows, seq, c, dense_bytes(config, c), device)))
+    train = {"activations": resident, **({name: size} if size >= layer_bwd else {"layer_backward": layer_bwd})}
+    both = {k: sum(v) for k, v in acts.items()}
+    if config.stage != "ppo":
+        return {**static, **train}, both, "train", adapters
+    p, chunk = config.ppo, config.train.batch_size * config.train.grad_accum
+    phases = {  # what each phase adds to base, adapters and optimizer (gradients only in training)
         # generation: the prompt's forward over a short cache, or the full cache at the end
         "rollout": max({"kv_cache": kv_cache_bytes(arch, p.rollout_batch_size, seq, c),
                         "prefill": inference_bytes(arch, p.rollout_batch_size * seq, c)},
-                       {"kv_cache": kv_cache_bytes(arch, p.rollout_batch_size, total, c)},
+                       {"kv_cache": kv_cache_bytes(arch, p.rollout_batch_size, tokens, c)},
                        key=lambda d: sum(d.values())),
+        # reference log-probs and values of batch_size x grad_accum rollouts at a time, no grad
         "scoring": {"logits": chunk * (p.max_new_tokens + 1) * arch.vocab * (c + 8),
-                    "forward": inference_bytes(arch, chunk * total, c)},
-        "train": {"gradients": static["gradients"], "activations": resident,
-                  **backward("logits", logits_bytes(arch, batch, p.max_new_tokens + 1, c), layer_bwd)},
-    }
+                    "forward": inference_bytes(arch, chunk * tokens, c)},
+        "train": {"gradients": static.pop("gradients"), **train}}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
-    static.pop("gradients")
-    return {**static, **phases[phase]}, {k: sum(v) for k, v in acts.items()}, phase, adapters
+    return {**static, **phases[phase]}, both, phase, adapters
 
 
 def plan(config, overrides: list[str] = (), *, stage: str | None = None, gpu: str | int | None = None,
          device: str = "cuda", batch_size: int | None = None, seq_len: int | None = None,
          arch: Arch | None = None) -> Plan:
-    """Predict the peak memory of training a stage, without loading any weights (``adapterkit plan``).
+    """Predict the peak memory of training a stage, loading no weights (``adapterkit plan``):
+    ``ak.plan("tiny_dpo", ["train.batch_size=32"], gpu="24GB").peak_bytes``.
 
     ``config``: a loaded config, or a recipe (file or shipped name) read with ``overrides``
     (its ``stage:`` key names the stage, else ``stage``). ``device``: ``cuda`` (the GPU plan:
     compute dtype auto = bf16) or ``cpu`` (fp32). ``batch_size``: default ``train.batch_size``.
     ``seq_len``: tokens per row, default ``data.max_length`` (PPO: the prompt's; the response
     adds ``ppo.max_new_tokens``). ``gpu``: a card ("24GB", "80GB", "24GiB" or bytes): whether
-    it fits, and the largest ``train.batch_size`` that does. ``arch``: skip reading config.json.
-
-    Example::
-
-        p = ak.plan("tiny_dpo", ["train.batch_size=32"], gpu="24GB")
-        print(p.peak_bytes / 2**30, p.terms, p.max_batch_size)
-    """
-    from adapterkit.config import StageConfig
+    it fits, and the largest ``train.batch_size`` that does. ``arch``: skip reading config.json."""
+    from adapterkit.config import StageConfig, load_recipe
     if not isinstance(config, StageConfig):
         config = load_recipe(config, list(overrides), stage)
-    arch = arch or load_arch(config.base)
-    notes: list[str] = []
-    batch = batch_size or config.train.batch_size
-    seq = seq_len or config.data.max_length
+    arch, notes = arch or load_arch(config.base), []
+    batch, seq = batch_size or config.train.batch_size, seq_len or config.data.max_length
     ckpt = config.train.gradient_checkpointing
     terms, acts, phase, adapters = _terms(config, arch, device, batch, seq, ckpt, notes)
-    shape = {"batch_size": batch, "seq_len": seq, "gradient_checkpointing": ckpt}
-    if config.stage == "ppo":
-        shape |= {"rollout_batch_size": config.ppo.rollout_batch_size, "response_len": config.ppo.max_new_tokens}
+    shape = {"batch_size": batch, "seq_len": seq, "gradient_checkpointing": ckpt, **(
+        {"rollout_batch_size": config.ppo.rollout_batch_size, "response_len": config.ppo.max_new_tokens}
+        if config.stage == "ppo" else {})}
     if arch.model_type not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
         notes.append(f"{arch.model_type}: activations use the Llama layer's formula (gated MLP, SDPA)")
     result = Plan(config.stage, config.base.name, device, asdict(arch), shape,
@@ -367,32 +337,15 @@ def plan(config, overrides: list[str] = (), *, stage: str | None = None, gpu: st
     if gpu is not None:
         total = gpu if isinstance(gpu, int) else parse_gpu(gpu)
         usable = total - CUDA_RESERVE
-        peak_at = lambda b, ck: sum(_terms(config, arch, device, b, seq, ck, [])[0].values())  # noqa: E731
+        fits = lambda ck: lambda b: sum(_terms(config, arch, device, b, seq, ck, [])[0].values()) <= usable  # noqa: E731
         result.gpu_bytes, result.usable_bytes, result.fits = total, usable, result.peak_bytes <= usable
-        result.max_batch_size = largest_batch(lambda b: peak_at(b, ckpt) <= usable, _batch_choices(config))
-        result.max_batch_size_checkpointed = largest_batch(lambda b: peak_at(b, True) <= usable,
-                                                           _batch_choices(config))
+        result.max_batch_size, result.max_batch_size_checkpointed = (
+            largest_batch(fits(ck), _batch_choices(config)) for ck in (ckpt, True))
     return result
 
 
-def load_recipe(recipe, overrides: list[str], stage: str | None = None):
-    """A recipe's config, for the stage its ``stage:`` key names (or ``stage``)."""
-    import yaml
-    from adapterkit.config import load_config, recipe_path
-    from adapterkit.errors import ConfigError
-    path = recipe_path(recipe)
-    try:
-        declared = (yaml.safe_load(path.read_text()) or {}).get("stage")
-    except (yaml.YAMLError, AttributeError):
-        declared = None  # load_config reports what is wrong with the file
-    if stage is None and declared is None:
-        raise ConfigError(f"{path}: no stage: key; say which stage (--stage sft, reward, dpo or ppo)")
-    return load_config(stage or declared, recipe, overrides)
-
-
 def _batch_choices(config) -> list[int]:
-    """The train.batch_size values a stage takes: any; PPO's must divide the rollout batch
-    (with grad_accum)."""
+    """The train.batch_size values a stage takes; PPO's divide the rollout batch (/ grad_accum)."""
     if config.stage == "ppo":
         per = config.ppo.rollout_batch_size // config.train.grad_accum
         return [b for b in range(1, per + 1) if per % b == 0]
@@ -401,17 +354,9 @@ def _batch_choices(config) -> list[int]:
 
 def largest_batch(fits, choices: list[int]) -> int:
     """The largest choice with ``fits(choice)`` (memory grows with the batch: bisection); 0: none."""
-    lo, hi = 0, len(choices)  # choices[:lo] fit
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(choices[mid]):
-            lo = mid + 1
-        else:
-            hi = mid
+    import bisect
+    lo = bisect.bisect_left(choices, True, key=lambda b: not fits(b))  # choices[:lo] fit
     return choices[lo - 1] if lo else 0
-
-
-UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": 2**20, "tb": 10**12, "tib": 2**40}
 
 
 def parse_gpu(text: str) -> int:
@@ -421,8 +366,6 @@ def parse_gpu(text: str) -> int:
         raise AdapterkitError(f"--gpu {text!r}: give the card's memory with a unit, e.g. 24GB, 80GB or 24GiB")
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
-
-# -- per GPU, several GPUs ----------------------------------------------------------------------
 
 SHARDING = ("none", "ddp", "fsdp")
 
@@ -440,21 +383,16 @@ def per_gpu(p: Plan, world_size: int = 1, sharding: str = "none") -> dict[str, i
     if sharding == "ddp" and world_size > 1:
         terms["ddp_buckets"] = 4 * sum(a["params"] for a in p.adapters if a["trainable"])
     if n > 1:
-        layers = p.arch["layers"]
-        gathered = 2 * (terms["base"] + terms["adapters"]) // layers
-        for k in ("base", "adapters", "optimizer", "gradients"):
-            if k in terms:
-                terms[k] = -(-terms[k] // n)
+        gathered = 2 * (terms["base"] + terms["adapters"]) // p.arch["layers"]
+        terms |= {k: -(-terms[k] // n) for k in ("base", "adapters", "optimizer", "gradients") if k in terms}
         terms["fsdp_gathered"] = gathered
     return {**terms, "total": sum(terms.values())}
 
 
 def per_gpu_table(plans: dict[str, Plan], world_size: int = 8) -> list[dict]:
-    """One row per (name, set-up): single GPU, DDP over ``world_size``, FSDP over it; bytes per
-    GPU by term and in total. ``plans``: e.g. {"8B sft": plan(...), "70B dpo": plan(...)}."""
-    rows = []
-    for name, p in plans.items():
-        for setup, (world, sharding) in {"1 GPU": (1, "none"), f"DDP x{world_size}": (world_size, "ddp"),
-                                         f"FSDP x{world_size}": (world_size, "fsdp")}.items():
-            rows.append({"plan": name, "stage": p.stage, "setup": setup, **per_gpu(p, world, sharding)})
-    return rows
+    """Bytes per GPU by term and in total, one row per plan and set-up (1 GPU, DDP and FSDP over
+    ``world_size``). ``plans``: e.g. {"8B sft": plan(...), "70B dpo": plan(...)}."""
+    setups = {"1 GPU": (1, "none"), f"DDP x{world_size}": (world_size, "ddp"),
+              f"FSDP x{world_size}": (world_size, "fsdp")}
+    return [{"plan": name, "stage": p.stage, "setup": setup, **per_gpu(p, *setups[setup])}
+            for name, p in plans.items() for setup in setups]

@@ -17,31 +17,17 @@ from adapterkit.errors import AdapterkitError
 from adapterkit.memory import GiB, Arch, largest_batch, parse_gpu, per_gpu, per_gpu_table, plan
 from tests.helpers import DEVICE
 
-WORDS = "hot cold up down big small hard soft high low light dark open closed".split()
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5}
 
 
-def words(n: int, k: int) -> str:
-    return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for i in range(n))
-
-
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
     """SFT rows and preference pairs of 5 to 60 answer words: padded batches, some truncated."""
-    d = tmp_path_factory.mktemp("plan-data")
-    with open(d / "sft.jsonl", "w") as f:
-        for k in range(32):
-            f.write(json.dumps({"messages": [{"role": "user", "content": "flip: " + words(6, k)},
-                                             {"role": "assistant", "content": words(5 + k * 11 % 56, k + 1)}]}) + "\n")
-    with open(d / "pairs.jsonl", "w") as f:
-        for k in range(32):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": "flip: " + words(6, k)}],
-                                "chosen": [{"role": "assistant", "content": words(5 + k * 11 % 56, k + 1)}],
-                                "rejected": [{"role": "assistant", "content": words(5 + k * 13 % 50, k + 2)}]}) + "\n")
-    return d
+    from adapterkit.memcheck import padded_task_data
+    return padded_task_data(tmp_path_factory.mktemp("plan-data"))
 
 
 def check(config) -> tuple[float, object, object]:
@@ -59,9 +45,8 @@ def check(config) -> tuple[float, object, object]:
 @pytest.mark.parametrize("stage,extra", [
     ("sft", []), ("sft", ["train.gradient_checkpointing=true"]), ("reward", []), ("dpo", [])])
 def test_plan_within_15_percent_of_the_measured_peak(stage, extra, long_data, tiny_dir, sft_adapter, tmp_path):
-    data = {"sft": [f"data.train={long_data / 'sft.jsonl'}"],
-            "reward": [f"data.train={long_data / 'pairs.jsonl'}"],
-            "dpo": [f"data.train={long_data / 'pairs.jsonl'}", f"dpo.parent=[{sft_adapter.path}]", "dpo.prompts=null"]}
+    data = {"sft": [f"data.train={long_data['sft']}"], "reward": [f"data.train={long_data['pairs']}"],
+            "dpo": [f"data.train={long_data['pairs']}", f"dpo.parent=[{sft_adapter.path}]", "dpo.prompts=null"]}
     config = load_config(stage, f"tiny_{stage}", [*data[stage], "data.on_long=truncate", "data.max_length=48",
                                                   "train.batch_size=8", f"output.dir={tmp_path / 'out'}", *extra])
     err, m, p = check(config)
