@@ -147,3 +147,27 @@ def test_cli_plan_errors(argv, message, capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_api_and_readme_commands(tiny_dir, tmp_path, monkeypatch, capsys):
+    """``ak.plan`` is the planner, and the README's "Will it fit?" commands run as written."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+    import adapterkit as ak
+    from adapterkit import memory
+    assert ak.plan is memory.plan and ak.plan("tiny_reward").stage == "reward"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Will it fit?", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    for line in block.strip().splitlines():
+        argv = shlex.split(line.split("  #")[0])
+        if argv[0] == "adapterkit":
+            assert main(argv[1:]) == 0, line
+        else:
+            assert argv[0] == "python", line
+            subprocess.run([sys.executable, *argv[1:]], check=True)
+    out = capsys.readouterr().out
+    assert "peak (train)" in out and '"stage": "ppo"' in out  # the tables, then the --json document
+    assert (tmp_path / "llama-8b-config" / "config.json").is_file()
