@@ -35,10 +35,14 @@ class Measurement:
 
 def live_tensor_bytes(device: str = "cpu") -> int:
     """Bytes of every tensor object alive on ``device``, each storage counted once."""
+    import warnings
     gc.collect()
     storages: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == device and not obj.is_meta:
+    with warnings.catch_warnings():  # isinstance on a deprecated module attribute warns
+        warnings.simplefilter("ignore")
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in tensors:
+        if obj.device.type == device and not obj.is_meta:
             try:
                 s = obj.untyped_storage()
             except (RuntimeError, NotImplementedError):
