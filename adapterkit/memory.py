@@ -154,7 +154,7 @@ def base_bytes(arch: Arch, quantization: str, dense: int, double_quant: bool, he
     return linear + (arch.vocab * arch.hidden + out_head + (2 * arch.layers + 1) * arch.hidden) * dense
 
 
-def layer_activation_bytes(arch: Arch, c: int, r: int, autocast: bool, masked: bool = True) -> int:
+def layer_activation_bytes(arch: Arch, c: int, r: int, autocast: bool, masked: bool = True, res: int = 0) -> int:
     """Bytes one decoder layer keeps for backward, per token (Llama layer, SDPA attention, LoRA
     on its linears; the 4-bit matmul keeps no input, its weight being frozen):
     the input x, its norm, the residual after attention and its norm (4H); q after RoPE and
@@ -163,34 +163,35 @@ def layer_activation_bytes(arch: Arch, c: int, r: int, autocast: bool, masked: b
     SDPA's GQA: 2qd); the attention's fp32 logsumexp per head; the MLP's gate, SiLU(gate), up
     and their product (4I); the seven LoRA A outputs (7r).
     Under a GPU's autocast each LoRA'd linear keeps its own bf16 copy of its input (the fp32
-    LoRA weights make peft cast it): + (5H + qd + I); not measured here (no GPU)."""
+    LoRA weights make peft cast it): + (5H + qd + I); not measured here (no GPU). The residual
+    stream and its norms (the 4H) are in ``res`` bytes: the embeddings' dtype (``dense_bytes``)."""
     kv = 2 * arch.qd if masked and arch.kv_heads < arch.heads else 2 * arch.kvd
-    n = 4 * arch.hidden + 2 * arch.qd + kv + 4 * arch.intermediate + 7 * r
+    n = 2 * arch.qd + kv + 4 * arch.intermediate + 7 * r
     if autocast:
         n += 5 * arch.hidden + arch.qd + arch.intermediate
-    return n * c + 4 * arch.heads
+    return n * c + 4 * arch.hidden * (res or c) + 4 * arch.heads
 
 
 def activation_bytes(arch: Arch, rows: int, seq: int, c: int, r: int, checkpointing: bool,
-                     autocast: bool, masked: bool = True) -> tuple[int, int]:
+                     autocast: bool, masked: bool = True, res: int = 0) -> tuple[int, int]:
     """(resident, layer backward) bytes of a training forward over rows x T tokens.
     Resident, alive until the backward reaches them: without checkpointing, L layers' saved
     tensors; with it, each layer's input only (L x H); both + the final norm's input and
     output (2H) and, for padded rows, the attention mask (rows x T x T x c, one for all layers).
     Layer backward, the working set while a layer's gradients are computed: the gradients of its
     MLP and input (I + H); with checkpointing + the recomputed layer's saved tensors."""
-    tokens = rows * seq
-    layer = layer_activation_bytes(arch, c, r, autocast, masked)
+    tokens, res = rows * seq, res or c  # res: bytes of the residual stream (the embeddings' dtype)
+    layer = layer_activation_bytes(arch, c, r, autocast, masked, res)
     work = tokens * (arch.intermediate + arch.hidden) * c
-    resident = tokens * 2 * arch.hidden * c + (rows * seq * seq * c if masked else 0)
+    resident = tokens * 2 * arch.hidden * res + (rows * seq * seq * c if masked else 0)
     if checkpointing:
-        return resident + tokens * arch.layers * arch.hidden * c, work + tokens * layer
+        return resident + tokens * arch.layers * arch.hidden * res, work + tokens * layer
     return resident + tokens * arch.layers * layer, work
 
 
 def fused_head_bytes(arch: Arch, rows: int, seq: int, c: int, head_dense: int, device: str) -> int:
     """trl's chunked LM head (SFT, DPO) in backward; the logits are never whole. N = rows x (T-1)
-    positions: their hidden states as contiguous rows (N x H x c), their fp32 gradient (N x H x 4),
+    positions: their hidden states as contiguous rows (N x H, in the head's dtype), their fp32 gradient,
     fp32 statistics (~8N x 4), one tile of min(N, 4096) x 32768 x c (a full tile even for a
     small vocabulary), on a GPU the tile's slice of an fp32 LM head cast to bf16, and on CPU
     (trl's torch fallback instead of its Triton kernel) ~4.5 fp32 temporaries of the tile's
@@ -199,7 +200,7 @@ def fused_head_bytes(arch: Arch, rows: int, seq: int, c: int, head_dense: int, d
     tile = min(n, FUSED_TOKENS)
     cast = min(arch.vocab, FUSED_VOCAB) * arch.hidden * c if head_dense != c else 0
     fallback = int(4.5 * tile * min(arch.vocab, FUSED_VOCAB) * 4) if device == "cpu" else 0
-    return n * arch.hidden * (c + 4) + 32 * n + tile * FUSED_VOCAB * c + cast + fallback
+    return n * arch.hidden * (head_dense + 4) + 32 * n + tile * FUSED_VOCAB * c + cast + fallback
 
 
 def logits_bytes(arch: Arch, rows: int, positions: int, c: int) -> int:
@@ -282,8 +283,8 @@ def _terms(config, arch: Arch, device: str, batch: int, seq: int, checkpointing:
     masked = not config.train.padding_free  # padded rows: an attention mask
     rows = batch * (2 if config.stage in ("reward", "dpo") else 1)  # chosen and rejected in one batch
     tokens = seq + (config.ppo.max_new_tokens if config.stage == "ppo" else 0)
-    acts = {k: activation_bytes(arch, rows, tokens, c, r, k == "checkpointed", device == "cuda" and c == 2, masked)
-            for k in ("checkpointed", "full")}
+    acts = {k: activation_bytes(arch, rows, tokens, c, r, k == "checkpointed", device == "cuda" and c == 2, masked,
+                                dense_bytes(config, c)) for k in ("checkpointed", "full")}
     resident, layer_bwd = acts["checkpointed" if checkpointing else "full"]
     name, size = (("score_head", rows * seq * 4) if config.stage == "reward"  # the (rows, T, 1) scores
                   else ("logits", logits_bytes(arch, batch, config.ppo.max_new_tokens + 1, c)) if config.stage == "ppo"
