@@ -1,7 +1,8 @@
 """`adapterkit plan` against measured peaks: for each stage, the peak of allocated tensor bytes
 during two real training steps (``adapterkit.memcheck``) and the plan for the same shapes.
 
-    python benchmarks/plan_check.py [--out benchmarks/results/plan_check_cpu.json]
+    python benchmarks/plan_check.py [--out benchmarks/results/plan_check_cpu.json]   # CPU
+    python benchmarks/plan_check.py --out benchmarks/results/plan_check_<card>.json  # CUDA (not run yet)
 
 CPU (no CUDA): the benchmark model (a 311M Llama from config, NF4 checkpoint, hidden 1024,
 28 layers; ``common.build_base``), fp32 compute, measured from torch's profiler allocation
