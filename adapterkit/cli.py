@@ -228,7 +228,7 @@ def _quickstart_args(p):
 
 # -- registry, profiles, merge, export, generate: cli_registry.py ------------------------------
 
-from adapterkit import cli_pipeline, cli_registry, cli_frontier  # noqa: E402, F401  (register their commands here, in this order)
+from adapterkit import cli_pipeline, cli_registry, cli_frontier, cli_plan  # noqa: E402, F401  (register their commands here, in this order)
 
 
 def build_parser() -> argparse.ArgumentParser:
