@@ -77,20 +77,23 @@ def checked_shell_lines(nb) -> None:
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_runs(name, kernel_env, tmp_path):
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     spec_root, env = kernel_env
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     checked_shell_lines(nb)
-    km = KernelManager(kernel_name=KERNEL,
-                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_root)]))
+    km = AsyncKernelManager(kernel_name=KERNEL,  # nbclient applies its timeout only with an async one
+                             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_root)]))
     current = {}
     client = nbclient.NotebookClient(
         nb, km=km, timeout=CELL_TIMEOUT, kernel_name=KERNEL, resources={"metadata": {"path": str(tmp_path)}},
         on_cell_start=lambda cell, cell_index: current.update(index=cell_index, source=cell.source))
     try:
         client.execute(env=env)  # the kernel's cwd: resources' metadata.path
-    except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
-        pytest.fail(f"{name}: cell {current.get('index')} failed:\n{current.get('source')}\n\n{err}", pytrace=False)
+    except CellExecutionError as err:  # its message holds the cell's source and the traceback
+        pytest.fail(f"{name}: cell {current.get('index')} failed\n{err}", pytrace=False)
+    except (CellTimeoutError, DeadKernelError) as err:
+        pytest.fail(f"{name}: cell {current.get('index')} did not finish:\n{current.get('source')}\n\n{err}",
+                    pytrace=False)
     assert (tmp_path / "runs").is_dir(), "the notebook wrote nothing under its working folder"
