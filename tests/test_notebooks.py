@@ -9,12 +9,13 @@ cell that runs past ``CELL_TIMEOUT`` fails the test with the cell's number, sour
 Running them takes a few minutes on 2 CPU cores, so ``test_notebook_runs`` is marked
 ``notebooks`` and deselected by default (pyproject ``addopts``); run it with
 ``python -m pytest -q -p no:cacheprovider -m notebooks`` (``.ci/run`` does, as a second step).
-The two checks on the files themselves run in the main suite.
+The checks on the files themselves run in the main suite.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +40,21 @@ def test_notebooks_are_committed_without_outputs():
         dirty = [i for i, c in enumerate(nb.cells)
                  if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
         assert not dirty, f"{name}: cells {dirty} hold outputs; strip them before committing"
+
+
+def test_notebooks_define_nothing_and_say_how_to_switch_to_a_gpu():
+    """They teach adapterkit's API and commands: no function or class of their own; each has one
+    cell on moving to a hub model on a GPU, with the overrides that do it."""
+    for name in EXPECTED:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        code = [c.source for c in nb.cells if c.cell_type == "code"]
+        assert not [s for s in code if re.search(r"^\s*(async\s+def|def|class)\s|\blambda\b", s, re.M)], name
+        gpu = [c.source for c in nb.cells
+               if c.cell_type == "markdown" and c.source.startswith("## Switch to a hub model on a GPU")]
+        assert len(gpu) == 1, name
+        for needed in ("base.name=", "base.compute_dtype=auto", "train.batch_size", "data.max_length",
+                       "adapterkit plan"):
+            assert needed in gpu[0], (name, needed)
 
 
 @pytest.fixture(scope="module")
