@@ -26,7 +26,7 @@ import nbformat
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = ["01_qlora_sft.ipynb", "02_reward_and_dpo.ipynb", "03_ppo_one_gpu.ipynb", "04_registry.ipynb"]
-CELL_TIMEOUT = 900  # s per cell: the longest takes ~1 min on 2 free cores; a busy machine has needed >300 s
+CELL_TIMEOUT = 900  # s per cell: the longest needs ~45 s of CPU; on a busy shared machine one took >300 s
 KERNEL = "adapterkit-test"
 
 
