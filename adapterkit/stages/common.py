@@ -127,7 +127,8 @@ def prepare_trainer(trainer, config: StageConfig) -> None:
     """What every trainer stage adds to its trl trainer:
 
     - output: one progress bar, with ``BAR_KEYS`` beside it, instead of transformers' raw log
-      dicts (those only with ``adapterkit -v``); ``train.progress=false``: nothing at all;
+      dicts (those only with ``adapterkit -v``) and, in a notebook, instead of its HTML table;
+      ``train.progress=false``: nothing at all;
     - a stop on a NaN or infinite loss (``stop_on_nonfinite``);
     - tracking: the trackers' local files in ``config.logging_dir`` (not the scratch folder);
     - checkpoints as safetensors and JSON, no pickle (``checkpoints.py`` lists the files;
@@ -140,6 +141,9 @@ def prepare_trainer(trainer, config: StageConfig) -> None:
     stop_on_nonfinite(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    for callback in list(trainer.callback_handler.callbacks):  # in Jupyter, transformers' HTML bar + log table
+        if type(callback).__name__ == "NotebookProgressCallback":
+            trainer.remove_callback(callback)
     if config.train.progress:
         trainer.add_callback(_progress_bar(config.stage))
     elif verbose():
