@@ -23,6 +23,8 @@ The Python API runs the same code as the ``adapterkit`` commands::
   checking base fingerprint, chat template and target modules (``LoadedStack``).
 - ``generate(source, prompts, ...)``: greedy answers from a profile or adapter ref, or from a
   ``LoadedStack``.
+- ``plan(recipe_or_config, overrides=(), gpu=None, ...)``: the predicted peak GPU memory of a
+  stage from the base's config.json alone (``adapterkit plan``; ``memory.Plan``).
 
 Heavy modules (torch, transformers, trl) load only when one of these is first used.
 """
@@ -44,7 +46,8 @@ if TYPE_CHECKING:
 # public name -> module that defines it (imported on first use)
 _LAZY = {"load_config": "adapterkit.config", "Registry": "adapterkit.registry",
          "load_stack": "adapterkit.stack", "LoadedStack": "adapterkit.stack",
-         "AdapterRecord": "adapterkit.stages.common", "AdapterkitError": "adapterkit.errors"}
+         "AdapterRecord": "adapterkit.stages.common", "AdapterkitError": "adapterkit.errors",
+         "plan": "adapterkit.memory"}
 
 __all__ = ["__version__", "train", "generate", *_LAZY]
 

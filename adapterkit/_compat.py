@@ -12,6 +12,7 @@ Used by ``quant.py`` (bitsandbytes' CPU 4-bit internals), ``stages/dpo.py`` /
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -260,3 +261,35 @@ def safetensors_checkpoints(trainer, load_adapter) -> None:
     assert hooks.keys() == TRAINER_CHECKPOINT_HOOKS.keys()
     for name, fn in hooks.items():
         setattr(trainer, name, types.MethodType(fn, trainer))
+
+
+# -- torch: the profiler's CPU allocation events (memcheck.py) ---------------------------------
+
+@contextlib.contextmanager
+def cpu_allocation_peak():
+    """Yields a dict whose ``peak`` is, after the block, the highest net number of bytes the
+    CPU allocator had handed out (allocations minus frees) since the block began.
+
+    torch has no public CPU counterpart of ``torch.cuda.max_memory_allocated``; its profiler
+    with ``profile_memory=True`` records every CPU allocation and free as a ``[memory]`` event
+    (signed bytes), read here from ``profile.profiler.kineto_results`` (not a documented name).
+    Frees of tensors allocated before the block are not reported, as they should not be."""
+    from torch.profiler import ProfilerActivity, profile
+    result: dict = {"peak": 0}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield result
+    kineto = getattr(prof.profiler, "kineto_results", None)
+    if kineto is None:
+        raise CompatError(f"torch {torch_version()}: the profiler has no kineto_results; "
+                          "adapterkit/_compat.py cpu_allocation_peak reads its [memory] events")
+    events = sorted((e.start_ns(), e.nbytes()) for e in kineto.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    result["peak"] = peak
+
+
+def torch_version() -> str:
+    return metadata.version("torch")

@@ -1,6 +1,7 @@
 """Load a base (quantized or not) and fingerprint it. Named adapters on it: ``adapters.py``."""
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from adapterkit import quant
 from adapterkit.artifact import sha256_file, sha256_json
+from adapterkit.distributed import sharded
 from adapterkit.sections import BaseSection
 from adapterkit.errors import AdapterkitError, CompatibilityError
 
@@ -16,7 +18,10 @@ log = logging.getLogger("adapterkit")
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device (``distributed.device``): ``cuda`` or ``cpu`` alone, each
+    process's own ``cuda:<local rank>`` under ``accelerate launch``."""
+    from adapterkit.distributed import device
+    return device()
 
 
 def resolve_base(name: str) -> str:
@@ -81,20 +86,24 @@ def release_freed_memory(device) -> None:
 
 
 def load_model(section: BaseSection, device: str | None = None, num_labels: int | None = None):
-    """The base causal LM, quantized as the section says, on CUDA when present, in the
-    section's compute dtype as resolved for that device (``quant.resolve_dtype``).
+    """The base causal LM, quantized as the section says, on this process's device
+    (``default_device``: CUDA when present), in the section's compute dtype as resolved for
+    that device (``quant.resolve_dtype``).
 
     ``num_labels`` loads it as a sequence classifier instead (a reward model: 1)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     device = device or default_device()
     dtype = quant.resolve_dtype(section.compute_dtype, device)
-    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant)
+    qconfig = quant.bnb_config(section.quantization, dtype, section.double_quant,
+                               quant.storage_dtype(section.quant_storage, dtype))
     auto, extra = ((AutoModelForCausalLM, {}) if num_labels is None
                    else (AutoModelForSequenceClassification, {"num_labels": num_labels}))
+    # FSDP / ZeRO-3 place (and shard) the weights themselves: no device map there
+    placement = {} if sharded() else {"device_map": {"": device}}
     with loading("weights", section.name):
         model = auto.from_pretrained(
             resolve_base(section.name), revision=section.revision, quantization_config=qconfig, **extra,
-            dtype=dtype, device_map={"": device},
+            dtype=dtype, **placement,
             trust_remote_code=section.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     quant.keep_compute_dtype(model)  # eval computes like training (see quant.py)
@@ -120,6 +129,19 @@ ARCH_IGNORED = {"_name_or_path", "transformers_version", "quantization_config", 
 def weights_part(path: Path) -> str:
     """The weights' share of a local base's fingerprint: read from the files, nothing loaded."""
     return sha256_json({p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))})
+
+
+@functools.lru_cache(maxsize=4)
+def _weights_part_of(path: str, stats: tuple) -> str:
+    return weights_part(Path(path))
+
+
+def _cached_weights_part(path: Path) -> str:
+    """``weights_part``, hashed once per process while the files keep their size and mtime: a
+    pipeline fingerprints its base for every stage (16 GB of an 8B base each time otherwise).
+    ``check_base_on_disk`` always hashes anew."""
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors")))
+    return _weights_part_of(str(path.resolve()), stats)
 
 
 def trained_base(manifest: dict, where: Path | None = None) -> BaseSection:
@@ -164,13 +186,27 @@ def fingerprint(model, tokenizer) -> dict:
     Weights: the sha256 of every safetensors file of a local base, or the hub revision of
     a downloaded one. Quantization is recorded beside it, not in it: an adapter trained on
     nf4 can be stacked on a bf16 copy of the same base (with a warning)."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ARCH_IGNORED}
-    source = model.config._name_or_path
+    return _fingerprint(model.config, tokenizer)
+
+
+def disk_fingerprint(section: BaseSection, tokenizer) -> dict:
+    """``fingerprint`` of the base a section names, from its config and files alone: no weights
+    load (``adapterkit pipeline`` decides before loading anything whether a stage is reused)."""
+    from transformers import AutoConfig
+    with loading("config", section.name):
+        config = AutoConfig.from_pretrained(resolve_base(section.name), revision=section.revision,
+                                            trust_remote_code=section.trust_remote_code)
+    return _fingerprint(config, tokenizer)
+
+
+def _fingerprint(model_config, tokenizer) -> dict:
+    config = {k: v for k, v in model_config.to_dict().items() if k not in ARCH_IGNORED}
+    source = model_config._name_or_path
     path = Path(source)
     if path.is_dir():
-        weights = weights_part(path)
+        weights = _cached_weights_part(path)
     else:
-        weights = sha256_json({"hub_revision": getattr(model.config, "_commit_hash", None) or "unknown"})
+        weights = sha256_json({"hub_revision": getattr(model_config, "_commit_hash", None) or "unknown"})
     parts = {"config": sha256_json(config), "tokenizer": sha256_json(sorted(tokenizer.get_vocab().items())),
              "weights": weights}
     return {"id": sha256_json(parts)[:16], **parts, "source": source}

@@ -64,6 +64,9 @@ def _train(stage: str, args) -> None:
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     config = load_config(stage, args.recipe, overrides)
     record = train_stage(stage, config)
+    from adapterkit.distributed import is_main
+    if not is_main():  # under `accelerate launch`: the main process reports, once
+        return
     if args.json:
         print_json({"adapter": str(record.path), "metrics": record.metrics})
     else:
@@ -101,6 +104,31 @@ def _register_stages() -> None:
 
 
 _register_stages()
+
+
+def _run_accelerate(args) -> None:
+    from adapterkit.distributed import launch_config, launch_configs
+    if args.name:
+        path = str(launch_config(args.name))
+        if args.json:
+            print_json({"name": args.name, "path": path})
+        else:
+            print(path)
+        return
+    configs = launch_configs()
+    if args.json:
+        print_json({name: {"path": str(path), "about": about} for name, (about, path) in configs.items()})
+        return
+    for name, (about, _) in configs.items():
+        print(f"  {name:16s} {about}")
+    print("accelerate launch --config_file \"$(adapterkit accelerate NAME)\" [--num_processes N] -m adapterkit <stage> RECIPE")
+
+
+@command("accelerate", "the shipped `accelerate launch` configs (single GPU, DDP, FSDP + QLoRA, DeepSpeed "
+         "ZeRO-2/3): list them, or print one's path", _run_accelerate)
+def _accelerate_args(p):
+    p.add_argument("name", nargs="?", help="print this config's path (for accelerate launch --config_file)")
+    p.add_argument("--json", action="store_true")
 
 
 def _run_score(args) -> None:
@@ -155,20 +183,16 @@ def _recipes_args(p):
 # -- quickstart --------------------------------------------------------------------------
 
 def _run_quickstart(args) -> None:
-    from adapterkit.quickstart import STEP_HELP, run_quickstart
+    from adapterkit.cli_pipeline import print_summary
+    from adapterkit.quickstart import run_quickstart
     con = console()
     summary = run_quickstart(args.out, progress=not args.quiet,
-                             on_step=None if args.json else lambda s: con.rule(f"{s}: {STEP_HELP.get(s, '')}"))
+                             on_step=None if args.json else lambda s, h: con.rule(f"{s}: {h}"))
     if args.json:
         print_json(summary)
         return
-    con.print(stage_table(summary["stages"], f"adapterkit quickstart (held-out prompts, ground-truth "
-                                             f"scorer) - {args.out}"))
-    if summary.get("profile"):
-        print(f"registry {summary['registry']}, profile {summary['profile']}:")
-        print("\n".join("  " + line for line in summary["registry_tree"]))
-    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items())
-    print(f"time per step: {seconds}\nsummary: {os.path.join(args.out, 'summary.json')}")
+    print_summary(summary, f"adapterkit quickstart (held-out prompts, ground-truth scorer) - {args.out}")
+    print(f"summary: {os.path.join(args.out, 'summary.json')}")
 
 
 LABELS = {"kl": "held-out KL", "eval_loss": "eval loss", "accuracy": "pair accuracy", "win_rate": "win rate"}
@@ -187,7 +211,8 @@ def stage_table(stages: dict, title: str):
                           if k not in ("adapter", "score", "parent") and isinstance(v, float))
         score, delta, worse = entry.get("score"), change(stages, stage), regression(stages, stage)
         vs = "-" if delta is None else f"{delta:+.3f} vs {entry['parent']}"
-        table.add_row(stage, os.path.relpath(entry["adapter"]) if entry.get("adapter") else "-",
+        adapter = os.path.relpath(entry["adapter"]) + " (reused)" * bool(entry.get("reused")) if entry.get("adapter") else "-"
+        table.add_row(stage, adapter,
                       f"{score:.3f}" if score is not None else "-",
                       f"[red]{vs}  worse: {worse}[/]" if worse else vs, other)
     return table
@@ -203,7 +228,7 @@ def _quickstart_args(p):
 
 # -- registry, profiles, merge, export, generate: cli_registry.py ------------------------------
 
-from adapterkit import cli_registry  # noqa: E402, F401  (registers its commands here, in this order)
+from adapterkit import cli_pipeline, cli_registry, cli_frontier, cli_plan  # noqa: E402, F401  (register their commands here, in this order)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,10 +267,12 @@ def one_line(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adapterkit.distributed import quiet_rank
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    quiet = quiet_rank()  # under `accelerate launch`, every process but the first logs errors only
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+    if quiet or not args.verbose:
         _quiet_libraries()
     json_out = getattr(args, "json", False)
     try:

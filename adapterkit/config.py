@@ -360,6 +360,18 @@ def load_config(stage: str, recipe: str | os.PathLike | None = None,
     return build_config(stage, raw, source)
 
 
+def load_recipe(recipe, overrides: list[str], stage: str | None = None):
+    """A recipe's config for the stage its ``stage:`` key names (or ``stage`` when it names none)."""
+    path = recipe_path(recipe)
+    try:
+        declared = (yaml.safe_load(path.read_text()) or {}).get("stage")
+    except (yaml.YAMLError, AttributeError):
+        declared = None  # load_config reports what is wrong with the file
+    if stage is None and declared is None:
+        raise ConfigError(f"{path}: no stage: key; say which stage (--stage sft, reward, dpo or ppo)")
+    return load_config(stage or declared, recipe, overrides)
+
+
 def dump_config(config: StageConfig) -> str:
     """The resolved config as YAML, saved beside every adapter."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

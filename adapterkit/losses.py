@@ -41,10 +41,17 @@ def masked_var(values, mask, unbiased=True):
         var = var * n / (n - 1)  # Bessel's correction
     return var
 
-def masked_whiten(values, mask, shift_mean=True, eps=1e-8):
+def masked_whiten(values, mask, shift_mean=True, eps=1e-8, all_sum=None):
     """Normalise values to mean 0, variance 1 over valid tokens; padded positions are set to 0.
-    values, mask: (B, T) -> (B, T). With shift_mean=False the original mean is added back."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    values, mask: (B, T) -> (B, T). With shift_mean=False the original mean is added back.
+    ``all_sum`` (a tensor's sum over processes): the mean and the unbiased variance of every
+    process's valid tokens together, the global batch of a distributed run."""
+    if all_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        n = all_sum(mask.sum())
+        mean = all_sum((values * mask).sum()) / n
+        var = all_sum(((values - mean) ** 2 * mask).sum()) / (n - 1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

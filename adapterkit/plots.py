@@ -8,9 +8,10 @@ Points = list[tuple[float, float]]
 
 
 def plot_curves(path: str | Path, series: dict[str, Points | dict[str, Points]], title: str,
-                xlabel: str = "step") -> Path | None:
+                xlabel: str = "step", notes: dict[str, list[str]] | None = None) -> Path | None:
     """One panel per series of (x, y) points, or per {line name: points} (several lines with a
-    legend: e.g. the train reward beside the held-out score); empty ones are left out."""
+    legend: e.g. the train reward beside the held-out score); empty ones are left out.
+    ``notes``: {line name: one text per point}, written beside the points (e.g. coefficients)."""
     series = {k: ({n: p for n, p in v.items() if p} if isinstance(v, dict) else v) for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -24,6 +25,8 @@ def plot_curves(path: str | Path, series: dict[str, Points | dict[str, Points]],
         for label, points in (lines.items() if isinstance(lines, dict) else [(None, lines)]):
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+            for x, y, text in zip(xs, ys, (notes or {}).get(label, [])):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
         if isinstance(lines, dict):
             ax.legend(fontsize="small")
         ax.set_title(name)

@@ -59,11 +59,16 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 
 
 def check_training(config: StageConfig) -> None:
-    """Checkpoints, resume and trackers: the checkpoint folder is a folder, ``train.resume_from``
+    """The launcher, checkpoints, resume and trackers: PPO is not run under FSDP or DeepSpeed
+    (its own loop steps one DDP model; ``distributed.engine``), the checkpoint folder is a folder, ``train.resume_from``
     names a checkpoint that exists, every ``train.report_to`` tracker is installed."""
     from importlib.util import find_spec
     from adapterkit.checkpoints import resolve_resume
     from adapterkit.errors import ConfigError
+    from adapterkit.distributed import engine
+    if config.stage == "ppo" and engine() is not None:
+        raise ConfigError(f"ppo under accelerate's {engine()} config: PPO runs on one GPU or DDP over "
+                          "several (adapterkit accelerate ddp); FSDP and DeepSpeed are for sft, reward and dpo")
     ckpt = config.checkpoint_dir
     if config.train.save_steps and ckpt.exists() and not ckpt.is_dir():
         raise ConfigError(f"train.checkpoint_dir {ckpt}: exists and is not a folder")

@@ -34,16 +34,27 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
+def storage_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """``base.quant_storage`` resolved: auto is the compute dtype when ``accelerate launch``
+    shards the parameters (FSDP, ZeRO-3: they shard float tensors of the model's one dtype),
+    else uint8 (bitsandbytes' default)."""
+    from adapterkit.distributed import sharded
+    if name != "auto":
+        return torch.uint8 if name == "uint8" else DTYPES[name]
+    return compute_dtype if sharded() else torch.uint8
+
+
 def bnb_config(quantization: str, compute_dtype: torch.dtype = torch.float32,
-               double_quant: bool = True) -> BitsAndBytesConfig | None:
+               double_quant: bool = True, quant_storage: torch.dtype = torch.uint8) -> BitsAndBytesConfig | None:
     """nf4: 4-bit NormalFloat with double quantization (QLoRA); int8: LLM.int8(); none.
-    ``compute_dtype``: a resolved dtype (``resolve_dtype``), never ``auto``."""
+    ``compute_dtype``: a resolved dtype (``resolve_dtype``), never ``auto``; ``quant_storage``:
+    the packed weights' dtype (``storage_dtype``)."""
     if quantization == "none":
         return None
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"unknown quantization {quantization!r}")

@@ -123,8 +123,9 @@ class Registry:
         return reg
 
     def _only_own_files(self) -> bool:
-        """Nothing but what a first publish creates (one may be under way in another process)."""
-        own = {TMP, INDEX, f"{INDEX}-wal", f"{INDEX}-shm", f"{INDEX}-journal"}
+        """Nothing but what a first publish creates (one may be under way in another process),
+        and a README.md (the one ``./adapters`` ships with, which nothing here ever removes)."""
+        own = {TMP, INDEX, f"{INDEX}-wal", f"{INDEX}-shm", f"{INDEX}-journal", "README.md"}
         return all(p.name in own for p in self.root.iterdir()) and self._index_info()[2] == 0
 
     def _index_info(self) -> tuple[int, int, int]:

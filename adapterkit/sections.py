@@ -29,6 +29,10 @@ class BaseSection(Section):
     """auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU (quant.resolve_dtype)"""
     double_quant: bool = True
     """quantize the 4-bit quantization constants too (QLoRA's double quantization)"""
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
+    """the dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage); auto: the
+    compute dtype under FSDP or DeepSpeed ZeRO-3 (which shard only float tensors of one dtype,
+    as the FSDP-QLoRA recipe requires), uint8 otherwise"""
     trust_remote_code: bool = False
     """run a hub model's own modelling code (only for bases you trust)"""
 

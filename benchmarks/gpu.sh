@@ -8,7 +8,7 @@
 # Steps, in order (STEPS picks some): versions cuda suite quickstart sft dpo ppo
 #   versions   the card, its memory, the library versions
 #   cuda       tests/test_cuda.py: every stage in bf16, a stacked reload, the quickstart
-#   suite      the rest of the test suite (python -m pytest -m "not cuda"), on the GPU
+#   suite      the rest of the test suite (python -m pytest -m "not cuda and not notebooks"), on the GPU
 #   quickstart python -m adapterkit quickstart --json
 #   sft, dpo   benchmarks/{sft,dpo}_vs_trl.py at small step counts (both sides fp32 compute)
 #   ppo        benchmarks/ppo_vs_trl.py; needs trl 1.12.0 in its own environment
@@ -68,7 +68,7 @@ for step in ${STEPS:-versions cuda suite quickstart sft dpo ppo}; do
     versions)   run versions 60 "" -- bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
                   $PY -c 'import torch,transformers,peft,trl,bitsandbytes as b; print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__version__, trl.__version__, b.__version__)'";;
     cuda)       run cuda 360 "" -- "$PY" -m pytest -q -p no:cacheprovider -m cuda -rA tests/test_cuda.py;;
-    suite)      run suite 420 "" -- "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfEs -m "not cuda";;
+    suite)      run suite 420 "" -- "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfEs -m "not cuda and not notebooks";;
     quickstart) run quickstart 240 "$scratch/quickstart.json" -- bash -c \
                   "$PY -m adapterkit quickstart --out '$scratch/qs' --quiet --json > '$scratch/quickstart.json'";;
     sft)        run sft 200 "$scratch/sft.json" -- "$PY" benchmarks/sft_vs_trl.py --steps 20 --out "$scratch/sft.json";;

@@ -30,7 +30,7 @@ def test_help_lists_the_commands(capsys):
     except SystemExit as exit_:
         assert exit_.code == 0
     out = capsys.readouterr().out
-    for name in ["tiny", "sft", "quickstart", "recipes"]:
+    for name in ["tiny", "sft", "quickstart", "recipes", "frontier"]:
         assert name in out
 
 

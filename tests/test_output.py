@@ -77,7 +77,8 @@ def test_table_marks_a_regression_against_the_parent_in_red():
 
 def test_seconds_per_step_is_not_a_dict(tmp_path, capsys, monkeypatch):
     import adapterkit.quickstart as qs
-    monkeypatch.setattr(qs, "STEPS", {"base": lambda ctx: ctx.summary["stages"].update(base={"score": 0.25})})
+    monkeypatch.setattr(qs, "run_quickstart", lambda out, progress, on_step: {
+        "stages": {"base": {"score": 0.25}}, "seconds": {"base": 0.2}})
     assert main(["quickstart", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "time per step: base 0 s" in out and "{" not in out.split("time per step")[1]

@@ -131,6 +131,24 @@ def test_sampled_logprobs_are_those_of_a_training_forward(ppo_run):
     assert torch.allclose(ro.entropy[sampled], entropy_from_logits(logits)[sampled], atol=tol(cpu=1e-4, cuda=0.1))
 
 
+def test_a_rollout_row_is_the_same_sample_in_any_batch(ppo_run):
+    """Row-seeded sampling: row j's response depends on the run's seed and j alone, not on the
+    rows beside it (how N processes share a step reproduces one process's samples), nor on
+    the process's RNG."""
+    from adapterkit.evaluate import prompt_ids
+    from adapterkit.stages.ppo import rollout
+    from adapterkit.stages.ppo_rollout import row_generators
+    prompts = [prompt_ids(ppo_run.tokenizer, p) for p in ppo_run.eval_prompts[:8]]
+    whole = rollout(ppo_run, prompts, rows=range(8))
+    half = rollout(ppo_run, prompts[4:], rows=range(4, 8))
+    resp = lambda ro: [r[m.bool()].tolist() for r, m in zip(ro.ids[:, -ro.n_resp:], ro.response_mask)]  # noqa: E731
+    assert resp(half) == resp(whole)[4:]
+    torch.manual_seed(123)  # the process's RNG plays no part
+    assert resp(rollout(ppo_run, prompts[4:], rows=range(4, 8))) == resp(half)
+    a, b = row_generators(ppo_run.config.train.seed, [4, 5], "cpu")  # each row its own stream
+    assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+
+
 def test_ppo_beats_its_parent_under_the_ground_truth(trained):
     m = trained[0].metrics
     assert m["score"] > m["parent_score"] + MODEL_MARGIN, m

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -292,21 +293,59 @@ def test_not_an_adapter(reg, tmp_path):
         reg.publish(tmp_path / "empty", name="x")
 
 
-def test_quickstart_publish_step(tmp_path):
-    from adapterkit.quickstart import STEPS, Context, step_publish
-    assert list(STEPS)[-1] == "publish"
+def test_pipeline_publish_step(tmp_path):
+    """The quickstart's (``tiny_pipeline``'s) publishing: each step published as <prefix><step>
+    when it is made, then the profile set to the best policy's serving stack."""
+    from adapterkit.pipeline import FINISH, Run, finish_publish, publish
+    from adapterkit.pipeline_config import PipelineConfig
+    assert list(FINISH) == ["publish"]
     sft = fake_adapter(tmp_path / "run" / "sft", name="tiny-sft", domain="flip")
     sft_sha = sha256_file(sft / "adapter_model.safetensors")
     dpo = fake_adapter(tmp_path / "run" / "dpo", stage="dpo", domain="flip", payload=b"dpo",
                        parent=[{"name": "tiny-sft", "path": str(sft), "sha256": sft_sha}])
     rm = fake_adapter(tmp_path / "run" / "reward", stage="reward", domain="flip", payload=b"rm")
-    ctx = Context(out=tmp_path / "run")
-    ctx.summary = {"stages": {"base": {"score": 0.2}, "sft": {"adapter": str(sft), "score": 0.5},
-                              "reward": {"adapter": str(rm), "accuracy": 0.9},
-                              "dpo": {"adapter": str(dpo), "score": 0.8}}}
-    step_publish(ctx)
-    assert ctx.summary["registry"] == str(tmp_path / "run" / "adapters") and ctx.summary["profile"] == "flip"
-    reg = Registry.open(ctx.summary["registry"])
+    config = PipelineConfig(out=str(tmp_path / "run"), publish={"prefix": "tiny-", "profile": "flip"},
+                            stages={"sft": {"recipe": "tiny_sft"}, "reward": {"recipe": "tiny_reward"},
+                                    "dpo": {"recipe": "tiny_dpo", "parent": ["sft"]}})
+    run = Run(config, Registry.open(tmp_path / "run" / "adapters"))
+    run.summary["stages"] = {"base": {"score": 0.2}, "sft": {"adapter": str(sft), "score": 0.5},
+                             "reward": {"adapter": str(rm), "accuracy": 0.9},
+                             "dpo": {"adapter": str(dpo), "score": 0.8}}
+    for name, folder in (("sft", sft), ("reward", rm), ("dpo", dpo)):
+        run.refs[name] = publish(run, name, folder, "general").ref
+    finish_publish(run)
+    assert run.summary["registry"] == str(tmp_path / "run" / "adapters") and run.summary["profile"] == "flip"
+    reg = Registry.open(run.summary["registry"])
     assert [e.ref for e in reg.list()] == ["tiny-dpo@1", "tiny-reward@1", "tiny-sft@1"]
+    assert {e.domain for e in reg.list()} == {"general"}  # the stage's domain, none in the pipeline's publish
     assert get_profile(reg, "flip").stack == ["tiny-sft@1", "tiny-dpo@1"]
-    assert ctx.summary["registry_tree"][0].startswith("tiny-dpo@1") and "tiny-sft@1" in ctx.summary["registry_tree"][1]
+    assert run.summary["registry_tree"][0].startswith("tiny-dpo@1") and "tiny-sft@1" in run.summary["registry_tree"][1]
+
+def test_the_shipped_adapters_folder_becomes_a_registry_and_keeps_its_readme(tmp_path, src, monkeypatch, capsys):
+    """``./adapters`` ships holding only its README: the first publish makes it a registry (the
+    README is no stranger's file), and gc and remove never delete it; a folder with anything
+    else is still refused."""
+    from adapterkit.cli import main
+    shipped = Path(__file__).resolve().parents[1] / "adapters" / "README.md"
+    (tmp_path / "adapters").mkdir()
+    readme = tmp_path / "adapters" / "README.md"
+    readme.write_bytes(shipped.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ADAPTERKIT_REGISTRY", raising=False)
+    assert not Registry.open(None).created and main(["registry", "list"]) == 2  # not a registry yet
+    assert main(["publish", str(src), "--name", "legal-sft"]) == 0
+    assert main(["publish", str(src), "--name", "legal-sft"]) == 0
+    reg = Registry.open(None)
+    assert reg.root == tmp_path / "adapters" and [e.ref for e in reg.list()] == ["legal-sft@1", "legal-sft@2"]
+    (tmp_path / "adapters" / ".tmp" / "leftover").mkdir()  # what a killed publish leaves
+    assert main(["registry", "gc"]) == 0 and main(["registry", "remove", "legal-sft@all"]) == 0
+    assert main(["registry", "gc"]) == 0 and reg.list() == []
+    assert readme.read_bytes() == shipped.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir() if not p.name.startswith("index.sqlite")) \
+        == [".tmp", "README.md"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.md").write_text("mine")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RegistryError, match="not an adapterkit registry"):
+        Registry.open(other)

@@ -31,8 +31,14 @@ def env() -> dict:
 def kill_after_first_checkpoint(stage: str, recipe: str, overrides: list[str], ckpt: Path) -> int:
     """Start the stage in a subprocess; SIGKILL it as soon as one whole checkpoint is on disk.
     Returns the newest whole checkpoint's step."""
+    return kill_when_checkpointed([stage, recipe, *overrides, "train.progress=false"], ckpt)
+
+
+def kill_when_checkpointed(args: list[str], ckpt: Path) -> int:
+    """``adapterkit ARGS`` in a subprocess, SIGKILLed as soon as one whole checkpoint is in
+    ``ckpt``; returns the newest whole checkpoint's step."""
     from adapterkit.checkpoints import checkpoints, complete, step_of
-    proc = subprocess.Popen(adapterkit_cmd(stage, recipe, *overrides, "train.progress=false"), cwd=ROOT,
+    proc = subprocess.Popen(adapterkit_cmd(*args), cwd=ROOT,
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:

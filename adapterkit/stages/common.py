@@ -49,8 +49,10 @@ class Stage(Protocol):
 
 def run_stage(stage: Stage, config: StageConfig) -> "AdapterRecord":
     """Checks before any model loads (``preflight``), then setup -> train -> finish."""
+    from adapterkit.distributed import main_first
     from adapterkit.preflight import preflight
-    preflight(config)  # output folder, adapters and data rows
+    with main_first():  # under `accelerate launch`: the main process builds `tiny` (if asked) first
+        preflight(config)  # output folder, adapters and data rows
     run = stage.setup(config)
     return stage.finish(run, stage.train(run))
 
@@ -96,7 +98,19 @@ def trainer_kwargs(config: StageConfig, run_dir: str, has_eval: bool = False, pe
         use_cpu=cpu, bf16=dtype == torch.bfloat16 and not cpu, fp16=dtype == torch.float16 and not cpu,
         gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Under `accelerate launch` (DDP): every trainable weight (LoRA, a reward head) is used
+        # in every forward, so DDP need not search the graph for unused ones; non-reentrant
+        # checkpointing is the kind DDP supports with frozen 4-bit weights around LoRA.
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
     )
+
+
+def trainer_metrics(result) -> dict:
+    """A trainer's ``train_loss`` (the mean over the processes: transformers returns each
+    process's own) and its step count."""
+    from adapterkit.distributed import mean
+    return {"train_loss": mean(result.training_loss), "steps": result.global_step}
 
 
 def verbose() -> bool:
@@ -113,7 +127,8 @@ def prepare_trainer(trainer, config: StageConfig) -> None:
     """What every trainer stage adds to its trl trainer:
 
     - output: one progress bar, with ``BAR_KEYS`` beside it, instead of transformers' raw log
-      dicts (those only with ``adapterkit -v``); ``train.progress=false``: nothing at all;
+      dicts (those only with ``adapterkit -v``) and, in a notebook, instead of its HTML table;
+      ``train.progress=false``: nothing at all;
     - a stop on a NaN or infinite loss (``stop_on_nonfinite``);
     - tracking: the trackers' local files in ``config.logging_dir`` (not the scratch folder);
     - checkpoints as safetensors and JSON, no pickle (``checkpoints.py`` lists the files;
@@ -126,6 +141,9 @@ def prepare_trainer(trainer, config: StageConfig) -> None:
     stop_on_nonfinite(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    for callback in list(trainer.callback_handler.callbacks):  # in Jupyter, transformers' HTML bar + log table
+        if type(callback).__name__ == "NotebookProgressCallback":
+            trainer.remove_callback(callback)
     if config.train.progress:
         trainer.add_callback(_progress_bar(config.stage))
     elif verbose():
@@ -225,7 +243,13 @@ def keep_adapters_fp32(model) -> None:
     CPU (fp32 compute) nothing may change. The cost is small: adapters are <1% of the base.
     On a GPU the forward runs in bf16/fp16 under the trainer's autocast (``trainer_kwargs``)
     and peft casts activations to the adapter's dtype and back, so the 4-bit base still
-    computes in ``base.compute_dtype``."""
+    computes in ``base.compute_dtype``.
+
+    Under FSDP (``accelerate launch`` with ``fsdp_qlora.yaml``) they stay in the base's dtype,
+    as in the FSDP-QLoRA recipe: FSDP flattens each wrapped layer into one tensor of one dtype."""
+    from adapterkit.distributed import engine
+    if engine() == "fsdp":
+        return
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.to(torch.float32)
@@ -244,25 +268,36 @@ def load_stage_tokenizer(config: StageConfig):
 
 def base_manifest(config: StageConfig, model, tokenizer, parent: list[dict] | None = None) -> dict:
     """The manifest's common part; ``base.compute_dtype`` is the dtype this run resolved (the
-    recipe beside it keeps what was asked, e.g. ``auto``)."""
+    recipe beside it keeps what was asked, e.g. ``auto``); ``inputs`` is what the adapter
+    depends on, hashed (``inputs.stage_inputs``)."""
+    from adapterkit.inputs import stage_inputs
     from adapterkit.quant import DTYPE_NAMES, resolve_dtype
     from adapterkit.tokens import model_device
     dtype = DTYPE_NAMES[resolve_dtype(config.base.compute_dtype, model_device(model))]
+    base_fp = fingerprint(model, tokenizer)
     return {
         "name": config.output.name or config.stage, "version": None, "stage": config.stage,
         "domain": config.output.domain, "tags": list(config.output.tags),
-        "base": {"source": config.base.name, "fingerprint": fingerprint(model, tokenizer),
+        "base": {"source": config.base.name, "fingerprint": base_fp,
                  "quantization": config.base.quantization, "compute_dtype": dtype},
         "chat_template_sha256": template_hash(tokenizer),
         "parent": parent or [],
         "recipe": config.model_dump(mode="json"),
+        "inputs": stage_inputs(config, base_fp, tokenizer),  # what ``adapterkit pipeline`` reuses by
     }
 
 
 def save_stage_artifact(config: StageConfig, manifest: dict,
                         write_weights: Callable[[Path], None], extra: Callable[[Path], None] | None = None
                         ) -> AdapterRecord:
-    """PEFT files + resolved config + curves + manifest + card, atomically."""
+    """PEFT files + resolved config + curves + manifest + card, atomically. Under
+    ``accelerate launch`` only the main process writes and publishes; the others wait for it
+    and return the record it wrote."""
+    from adapterkit.distributed import barrier, is_main
+    if not is_main():
+        barrier()
+        return AdapterRecord.from_dir(config.output.dir)
+
     def write(tmp: Path) -> None:
         write_weights(tmp)
         (tmp / "config.yaml").write_text(dump_config(config))
@@ -279,6 +314,7 @@ def save_stage_artifact(config: StageConfig, manifest: dict,
         entry = Registry.open(config.output.registry).publish(path, name=config.output.publish,
                                                               domain=config.output.domain)
         record.manifest["published"] = entry
+    barrier()
     return record
 
 

@@ -36,7 +36,7 @@ from adapterkit.evaluate import compare_to_parent, completion_logps
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
                                       load_stage_tokenizer, prepare_trainer, run_dir, run_stage,
-                                      save_stage_artifact, trainer_kwargs, train_trainer)
+                                      save_stage_artifact, trainer_kwargs, trainer_metrics, train_trainer)
 from adapterkit.tokens import to_device
 
 ADAPTER = "default"  # peft saves this name at the root of the adapter directory
@@ -264,7 +264,7 @@ def finish(run: DPORun, result) -> AdapterRecord:
     history = trainer.state.log_history
     shutil.rmtree(run.scratch, ignore_errors=True)
     model.eval()
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **run.report,
+    metrics = {**trainer_metrics(result), **run.report,
                **last_logged(history)}
     if run.eval_pairs:
         metrics |= evaluate_pairs(model, tokenizer, run.eval_pairs, stack, config.dpo.beta)

@@ -80,7 +80,9 @@ def setup(config: PPOConfig) -> PPORun:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_scheduler
     t, p = config.train, config.ppo
-    acc = Accelerator(gradient_accumulation_steps=t.grad_accum, kwargs_handlers=[
+    from adapterkit.distributed import state
+    state()  # the process group (gloo on CPU), as every stage sets it up
+    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum, kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
         log_with=config.trackers or None, project_dir=str(config.logging_dir) if config.trackers else None)
     if config.trackers:  # train.report_to: the trainer stages' trackers, through accelerate
@@ -125,17 +127,33 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def step_prompts(run: PPORun) -> list[int]:
-    """Indices of this process's prompts for this step: a function of the step, so resuming
-    sees the same."""
-    b, acc, n = run.config.ppo.rollout_batch_size, run.accelerator, len(run.prompts)
+def step_rows(run: PPORun) -> range:
+    """This process's rows of the step's global batch, numbered over the whole run: a function
+    of the step, so resuming sees the same; process k of N has the k-th share of the rows one
+    process would draw with a rollout batch N times as large."""
+    b, acc = run.config.ppo.rollout_batch_size, run.accelerator
     start = (run.step * acc.num_processes + acc.process_index) * b
-    return [_epoch_order(n, run.config.train.seed, i // n)[i % n] for i in range(start, start + b)]
+    return range(start, start + b)
+
+
+def step_prompts(run: PPORun) -> list[int]:
+    """Indices of this process's prompts for this step (``step_rows``, epoch by epoch)."""
+    n = len(run.prompts)
+    return [_epoch_order(n, run.config.train.seed, i // n)[i % n] for i in step_rows(run)]
+
+
+def all_sum(run: PPORun):
+    """A tensor's sum over the processes, for statistics of the step's global batch (None
+    alone: nothing to add)."""
+    acc = run.accelerator
+    return None if acc.num_processes == 1 else (lambda x: acc.reduce(x.detach().clone(), "sum"))
 
 
 def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
     """InstructGPT's KL-shaped per-token reward (on normalised scores with
-    ``ppo.normalize_scores``), then GAE and whitened advantages."""
+    ``ppo.normalize_scores``: statistics of every process's scores), then GAE and whitened
+    advantages. Under ``accelerate launch`` rewards and advantages are whitened over the step's
+    global batch (every process's tokens), as one process holding the whole batch would."""
     p, mask, tok = run.config.ppo, ro.response_mask, run.tokenizer
     scores = batch["scores"]
     if p.missing_eos_penalty is not None:
@@ -147,9 +165,21 @@ def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
     rewards, kl = losses.per_token_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask,
                                            run.kl_ctl.value, p.kl_estimator)
     if p.whiten_rewards:
-        rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = losses.masked_whiten(rewards, mask, shift_mean=False, all_sum=all_sum(run))
     advantages, returns = losses.gae_advantages(rewards, batch["values"], mask, p.gamma, p.lam)
-    batch.update(kl=kl, returns=returns, advantages=losses.masked_whiten(advantages, mask))
+    batch.update(kl=kl, returns=returns, advantages=losses.masked_whiten(advantages, mask, all_sum=all_sum(run)))
+
+
+def token_share(run: PPORun, rmask) -> torch.Tensor | float:
+    """N x this process's share of a micro-batch's response tokens over N processes (1 alone).
+    The losses are token means over each process's tokens and DDP averages the gradients, so
+    scaling each process's loss by it makes the update the token mean over all of them: what
+    one process holding every process's micro-batch computes."""
+    total = all_sum(run)
+    if total is None:
+        return 1.0
+    tokens = rmask.sum()
+    return tokens * run.accelerator.num_processes / total(tokens).clamp(min=1.0)
 
 
 def micro_step(run: PPORun, ro: Rollout, batch: dict, idx) -> dict:
@@ -157,17 +187,18 @@ def micro_step(run: PPORun, ro: Rollout, batch: dict, idx) -> dict:
     gradient checkpointing recomputes each role with its own adapters active."""
     p, acc = run.config.ppo, run.accelerator
     ids, mask, rmask = ro.ids[idx], ro.mask[idx], ro.response_mask[idx]
+    share = token_share(run, rmask)
     logprobs = gather_logprobs(run.model("policy", ids, mask, ro.n_resp), ids[:, -ro.n_resp:])
     pg_loss, clip_fraction, approx_kl = losses.ppo_policy_loss(
         logprobs, batch["logprobs"][idx], batch["advantages"][idx], rmask, p.clip_range)
-    acc.backward(pg_loss)
+    acc.backward(pg_loss * share)
     values = run.model("value", ids, mask, ro.n_resp)
     vf_loss, vf_clip = losses.ppo_value_loss(values, batch["values"][idx], batch["returns"][idx],
                                              rmask, p.clip_range_value)
-    acc.backward(p.vf_coef * vf_loss)
-    return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-            "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item(),
-            "value_clip_fraction": vf_clip.item()}
+    acc.backward(p.vf_coef * vf_loss * share)
+    # token means, weighted as the losses are: their mean over processes is the global token mean
+    return {k: float(v.detach() * share) for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss),
+            ("clip_fraction", clip_fraction), ("approx_kl", approx_kl), ("value_clip_fraction", vf_clip))}
 
 
 def ppo_epochs(run: PPORun, ro: Rollout, batch: dict) -> dict:
@@ -196,14 +227,14 @@ def train_step(run: PPORun) -> dict:
     acc, p = run.accelerator, run.config.ppo
     torch.manual_seed(run.config.train.seed + 1000 * run.step + acc.process_index)
     chosen = step_prompts(run)
-    ro = rollout(run, [run.prompts[i] for i in chosen])
+    ro = rollout(run, [run.prompts[i] for i in chosen], rows=step_rows(run))
     ro.prompts = [run.train_prompts[i] for i in chosen]
     batch = score_rollout(run, ro)
     add_advantages(run, ro, batch)
     stats = ppo_epochs(run, ro, batch)
     mask = ro.response_mask
     local = {"reward": batch["scores"].mean(), "kl": batch["kl"].sum(-1).mean(),
-             "entropy": losses.masked_mean(batch["entropy"], mask),
+             "entropy": losses.masked_mean(batch["entropy"], mask) * token_share(run, mask),
              "response_length": mask.sum(-1).mean(), **stats}
     log = {k: acc.reduce(torch.as_tensor(v, device=acc.device).float(), "mean").item()
            for k, v in local.items()}
@@ -252,14 +283,21 @@ def train(run: PPORun) -> None:
 @torch.no_grad()
 def held_out_score(run: PPORun) -> float:
     """Mean score of the policy's greedy responses to the held-out prompts: the scorer's when
-    one is set, else the reward's (function or reward adapter)."""
-    p, roles, prompts = run.config.ppo, run.roles, run.eval_prompts
-    roles.use("policy")
-    responses = generate(roles.peft, run.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
-                         batch_size=p.rollout_batch_size)
-    judge = rewards.FunctionScorer.load(p.scorer) if p.scorer is not None else roles.scorer
-    scores = judge.score(prompts, responses)
-    return sum(scores) / len(scores)
+    one is set, else the reward's (function or reward adapter). Under ``accelerate launch``
+    each process scores its share of the prompts and the sums are added up, so every process
+    gets the same number (and ``keep_best``/``patience`` decide the same way on each)."""
+    from adapterkit.distributed import all_sum as sum_over_processes
+    p, roles, acc = run.config.ppo, run.roles, run.accelerator
+    prompts = run.eval_prompts[acc.process_index::acc.num_processes]
+    scores = []
+    if prompts:
+        roles.use("policy")
+        responses = generate(roles.peft, run.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
+                             batch_size=p.rollout_batch_size)
+        judge = rewards.FunctionScorer.load(p.scorer) if p.scorer is not None else roles.scorer
+        scores = judge.score(prompts, responses)
+    total, count = sum_over_processes([float(sum(scores)), float(len(scores))])
+    return total / count
 
 
 def record_eval(run: PPORun) -> float:
@@ -302,15 +340,17 @@ def evaluate_policy(run: PPORun) -> dict:
     if not prompts:
         return {}
     out, _ = compare_to_parent(roles.peft, run.tokenizer, prompts, roles.stacks["policy"],
-                               roles.stacks["reference"], p.scorer, p.max_new_tokens, p.rollout_batch_size)
+                               roles.stacks["reference"], p.scorer, p.max_new_tokens)  # DPO's batching too
     roles.use("policy")
     return out
 
 
 def finish(run: PPORun, result=None) -> AdapterRecord:
-    """Evaluate, then save the policy adapter with its manifest, curves and log."""
+    """Evaluate, then save the policy adapter with its manifest, curves and log. Under
+    ``accelerate launch`` the main process evaluates and writes while the others wait for it
+    in ``save_stage_artifact``."""
     acc, history = run.accelerator, run.history
-    acc.wait_for_everyone()
+    metrics = {}
     if acc.is_main_process:
         last = history[-1] if history else {}
         restore_best(run)
@@ -319,21 +359,20 @@ def finish(run: PPORun, result=None) -> AdapterRecord:
         if run.best is not None:
             metrics |= {"best_step": run.best["step"], "best_eval_score": run.best["eval_score"]}
 
-        def extra(tmp: Path) -> None:
-            points = {CURVES[k]: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
-            judge = "scorer" if run.config.ppo.scorer is not None else "reward"
-            points[CURVES["reward"]] = {  # one panel: over-optimisation shows as the lines parting
-                "reward (train)": points[CURVES["reward"]],
-                f"held-out score ({judge})": [(e["step"], e["eval_score"]) for e in run.evals]}
-            plot_curves(tmp / "ppo.png", points, "PPO")
-            (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    def extra(tmp: Path) -> None:
+        points = {CURVES[k]: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
+        judge = "scorer" if run.config.ppo.scorer is not None else "reward"
+        points[CURVES["reward"]] = {  # one panel: over-optimisation shows as the lines parting
+            "reward (train)": points[CURVES["reward"]],
+            f"held-out score ({judge})": [(e["step"], e["eval_score"]) for e in run.evals]}
+        plot_curves(tmp / "ppo.png", points, "PPO")
+        (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
-        save_stage_artifact(run.config, {**run.manifest, "metrics": metrics, "evals": run.evals},
-                            lambda tmp: save_adapter(run.roles.peft, POLICY, tmp), extra)
-    acc.wait_for_everyone()
+    record = save_stage_artifact(run.config, {**run.manifest, "metrics": metrics, "evals": run.evals},
+                                 lambda tmp: save_adapter(run.roles.peft, POLICY, tmp), extra)
     if run.config.trackers:
         acc.end_training()
-    return AdapterRecord.from_dir(run.config.output.dir)
+    return record
 
 
 def train_ppo(config: PPOConfig) -> AdapterRecord:

@@ -30,10 +30,16 @@ class SampledLogprobs:
     step, so PPO's old log-probs need no second forward pass. generate calls it before its
     temperature warper, so it applies the temperature itself; it keeps one step's (B, V)
     log-probs at a time (not the whole (B, R, V) history) and reads each step's sampled token
-    from the next call's ``input_ids``."""
+    from the next call's ``input_ids``.
 
-    def __init__(self, temperature: float):
-        self.temperature, self.pending = temperature, None
+    With ``generators`` (one per row) it also draws each row's token itself, from pi by the
+    Gumbel-max trick with that row's own generator, and hands ``generate`` scores that its
+    greedy search follows (0 for the drawn token, -inf elsewhere): a row's sample then depends
+    on its seed alone, not on the other rows of its batch or on how many processes share the
+    step (``row_generators``)."""
+
+    def __init__(self, temperature: float, generators: list | None = None):
+        self.temperature, self.pending, self.generators = temperature, None, generators
         self.logprobs: list[torch.Tensor] = []  # R of (B,)
         self.entropy: list[torch.Tensor] = []
 
@@ -47,7 +53,13 @@ class SampledLogprobs:
         logits = scores.float() / self.temperature                      # (B, V)
         self.pending = torch.log_softmax(logits, -1)
         self.entropy.append(losses.entropy_from_logits(logits))
-        return scores
+        if self.generators is None:
+            return scores
+        u = torch.stack([torch.rand(logits.size(-1), generator=g, device=logits.device)
+                         for g in self.generators])                       # (B, V) in [0, 1)
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+        token = (self.pending + gumbel).argmax(-1)                         # (B,) ~ pi
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
     def result(self, resp) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs, entropy), (B, R) each, for the generated responses resp (B, R)."""
@@ -55,19 +67,30 @@ class SampledLogprobs:
         return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
 
 
+def row_generators(seed: int, rows, device) -> list[torch.Generator]:
+    """One generator per rollout row, seeded by the run's seed and the row's place in the
+    step's global batch: row j of step s is the same sample whether one process draws the
+    whole batch or each of N processes draws its share."""
+    return [torch.Generator(device=device).manual_seed(seed * 2**32 + int(r)) for r in rows]
+
+
 @torch.no_grad()
-def rollout(run: PPORun, prompts: list[list[int]], do_sample: bool = True) -> Rollout:
-    """Responses sampled from the policy (eval mode, KV cache), with their log-probs."""
+def rollout(run: PPORun, prompts: list[list[int]], do_sample: bool = True, rows=None) -> Rollout:
+    """Responses sampled from the policy (eval mode, KV cache), with their log-probs. Row i is
+    drawn with ``row_generators`` for ``rows[i]`` (its index in the step's global batch;
+    ``range(len(prompts))`` when not given); ``do_sample=False``: greedy."""
     roles, tok, p = run.roles, run.tokenizer, run.config.ppo
-    ids, mask = left_pad(prompts, tok.pad_token_id, model_device(roles.peft))
+    device = model_device(roles.peft)
+    ids, mask = left_pad(prompts, tok.pad_token_id, device)
     roles.use("policy")
     roles.peft.eval()
-    sampling = dict(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0) if do_sample else {
-        "do_sample": False}  # exact samples of pi (its logprobs are what PPO's ratio needs)
-    recorder = SampledLogprobs(p.temperature)
+    rows = range(len(prompts)) if rows is None else rows
+    # exact samples of pi (its logprobs are what PPO's ratio needs): drawn by the recorder
+    recorder = SampledLogprobs(p.temperature,
+                               row_generators(run.config.train.seed, rows, device) if do_sample else None)
     gen = roles.peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=p.max_new_tokens,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              use_cache=True, logits_processor=[recorder], **sampling)
+                              use_cache=True, logits_processor=[recorder], do_sample=False)
     roles.peft.train()
     resp = gen[:, ids.size(1):]                                    # (B, R)
     logprobs, entropy = recorder.result(resp)

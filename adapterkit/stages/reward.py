@@ -30,7 +30,7 @@ from adapterkit.plots import history_series, plot_curves
 from adapterkit.scorer import HEAD, batch_scores, pair_metrics
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
                                       load_stage_tokenizer, prepare_trainer, run_dir, run_stage,
-                                      save_stage_artifact, trainer_kwargs, train_trainer)
+                                      save_stage_artifact, trainer_kwargs, trainer_metrics, train_trainer)
 from adapterkit.tokens import conversation_ids, model_device
 
 SCORES_FILE = "eval_scores.json"
@@ -114,7 +114,7 @@ def finish(run: RewardRun, result) -> AdapterRecord:
     tokenizer = trainer.processing_class
     history = trainer.state.log_history
     shutil.rmtree(run.scratch, ignore_errors=True)
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **run.report}
+    metrics = {**trainer_metrics(result), **run.report}
     scores = {}
     if run.eval_pairs:
         scores = evaluate_pairs(trainer.model, tokenizer, run.eval_pairs, config.reward.eval_batch_size)

@@ -18,7 +18,7 @@ from adapterkit.data import has_generation_markers, split_last_turn
 from adapterkit.plots import history_series, plot_curves
 from adapterkit.stages.common import (AdapterRecord, base_manifest, keep_adapters_fp32, load_splits,
                                       load_stage_tokenizer, prepare_trainer, run_dir, run_stage,
-                                      save_stage_artifact, trainer_kwargs, train_trainer)
+                                      save_stage_artifact, trainer_kwargs, trainer_metrics, train_trainer)
 
 log = logging.getLogger("adapterkit")
 SFT_FORMATS = ("messages", "prompt_completion", "text")
@@ -87,7 +87,7 @@ def train(run: SFTRun):
 def finish(run: SFTRun, result) -> AdapterRecord:
     """Metrics, loss curve and the adapter artifact."""
     trainer = run.trainer
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, **run.report}
+    metrics = {**trainer_metrics(result), **run.report}
     if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history
