@@ -88,8 +88,9 @@ def _frontier_args(p):
                    "frontier.png; refused when it holds anything else, unless --overwrite")
     p.add_argument("--betas", default=betas, help="dpo.beta values, comma-separated; '' for no "
                    f"DPO curve (default: {betas})")
-    p.add_argument("--kl-coefs", default=kl_coefs, help="ppo.kl_coef values (in the reward's units), "
-                   f"comma-separated; '' for no PPO curve (default: {kl_coefs})")
+    p.add_argument("--kl-coefs", default=kl_coefs, help="ppo.kl_coef values (per unit of the reward's "
+                   "spread with ppo.normalize_scores, else in its units), comma-separated; '' for no PPO "
+                   f"curve (default: {kl_coefs})")
     p.add_argument("--parent", nargs="+", metavar="DIR", help="the parent stack every point is trained "
                    "on and measured against (default: the recipes' dpo.parent / ppo.parent)")
     p.add_argument("--reward", help="PPO's reward: a reward adapter or module:function (default: the "

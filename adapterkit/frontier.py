@@ -29,7 +29,7 @@ LABELS = {"dpo": "DPO (beta)", "ppo": "PPO (kl_coef)"}
 # The tiny recipes' own coefficients (a pipeline passes its DPO and PPO adapters as those points)
 # and one stronger pull to the parent each: benchmarks/results/frontier_tiny_cpu.json.
 DEFAULT_BETAS = (0.1, 1.0)
-DEFAULT_KL_COEFS = (0.2, 1.0)
+DEFAULT_KL_COEFS = (0.05, 1.0)
 MARK = "frontier.json"  # a folder holding it was made by ``run_frontier`` (and may be re-run)
 
 
