@@ -298,7 +298,7 @@ def test_pipeline_publish_step(tmp_path):
     when it is made, then the profile set to the best policy's serving stack."""
     from adapterkit.pipeline import FINISH, Run, finish_publish, publish
     from adapterkit.pipeline_config import PipelineConfig
-    assert list(FINISH) == ["publish"]
+    assert list(FINISH)[0] == "publish"  # the profile first; the frontier (pipeline.py) after it
     sft = fake_adapter(tmp_path / "run" / "sft", name="tiny-sft", domain="flip")
     sft_sha = sha256_file(sft / "adapter_model.safetensors")
     dpo = fake_adapter(tmp_path / "run" / "dpo", stage="dpo", domain="flip", payload=b"dpo",
@@ -320,6 +320,7 @@ def test_pipeline_publish_step(tmp_path):
     assert {e.domain for e in reg.list()} == {"general"}  # the stage's domain, none in the pipeline's publish
     assert get_profile(reg, "flip").stack == ["tiny-sft@1", "tiny-dpo@1"]
     assert run.summary["registry_tree"][0].startswith("tiny-dpo@1") and "tiny-sft@1" in run.summary["registry_tree"][1]
+
 
 def test_the_shipped_adapters_folder_becomes_a_registry_and_keeps_its_readme(tmp_path, src, monkeypatch, capsys):
     """``./adapters`` ships holding only its README: the first publish makes it a registry (the
