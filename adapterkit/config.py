@@ -348,25 +348,28 @@ def load_config(stage: str, recipe: str | os.PathLike | None = None,
     raw: dict[str, Any] = {}
     source = "defaults"
     if recipe is not None:
-        path = recipe_path(recipe)
+        path, raw = read_recipe(recipe)
         source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
     return build_config(stage, raw, source)
 
 
-def load_recipe(recipe, overrides: list[str], stage: str | None = None):
-    """A recipe's config for the stage its ``stage:`` key names (or ``stage`` when it names none)."""
+def read_recipe(recipe: str | os.PathLike) -> tuple[Path, dict]:
+    """A recipe file (or shipped name) and its YAML mapping, unvalidated (stage or pipeline)."""
     path = recipe_path(recipe)
     try:
-        declared = (yaml.safe_load(path.read_text()) or {}).get("stage")
-    except (yaml.YAMLError, AttributeError):
-        declared = None  # load_config reports what is wrong with the file
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    return path, raw
+
+
+def load_recipe(recipe, overrides: list[str], stage: str | None = None):
+    """A recipe's config for the stage its ``stage:`` key names (or ``stage`` when it names none)."""
+    path, raw = read_recipe(recipe)
+    declared = raw.get("stage")
     if stage is None and declared is None:
         raise ConfigError(f"{path}: no stage: key; say which stage (--stage sft, reward, dpo or ppo)")
     return load_config(stage or declared, recipe, overrides)

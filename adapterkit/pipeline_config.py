@@ -15,11 +15,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from adapterkit.config import (STAGE_CONFIGS, ScorerRef, StageConfig, _format_validation, apply_overrides,
-                               load_config, recipe_path)
+                               load_config, read_recipe)
 from adapterkit.errors import ConfigError
 from adapterkit.frontier import DEFAULT_BETAS, DEFAULT_KL_COEFS
 from adapterkit.refs import NAME_RE
@@ -130,13 +129,7 @@ def load_pipeline(recipe: str | os.PathLike, overrides: list[str] = ()) -> Pipel
     """Read a pipeline recipe (a file, or a shipped name such as ``tiny_pipeline``), apply
     dotted overrides (``out=runs/x``, ``publish.profile=legal``), validate the recipe and every
     step's stage config: all before any model loads; errors name the key."""
-    path = recipe_path(recipe)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a pipeline recipe is a mapping (out, stages, ...), got {type(raw).__name__}")
+    path, raw = read_recipe(recipe)
     raw = apply_overrides(raw, list(overrides))
     try:
         config = PipelineConfig.model_validate(raw)

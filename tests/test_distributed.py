@@ -83,36 +83,33 @@ def check_one_artifact(tmp: Path, out: dict, published: str) -> None:
     assert [(e.name, e.version) for e in entries] == [(published, 1)]
 
 
+def two_against_one(tmp_path, stage: str, common: list[str], name: str):
+    """The stage in 2 processes of batch 8 (published as ``name``) and in 1 of batch 16: the
+    two results, the weights' relative distance; exactly one artifact and registry entry."""
+    (tmp_path / "a").mkdir()
+    out = launch(tmp_path / "a", stage, f"tiny_{stage}", *common, "train.batch_size=8",
+                 f"output.dir={tmp_path / 'a' / 'two'}", "--publish", name, "--registry", str(tmp_path / "a" / "reg"))
+    one = one_process(stage, f"tiny_{stage}", *common, "train.batch_size=16", f"output.dir={tmp_path / 'one'}")
+    distance = relative(weights(out["adapter"]), weights(one.path))
+    print(f"{stage} 2 processes: {out['wall_s']:.1f} s, weights {distance:.2g}, "
+          f"loss {relative(out['metrics']['train_loss'], one.metrics['train_loss']):.2g}")
+    check_one_artifact(tmp_path / "a", out, name)
+    assert relative(out["metrics"]["train_loss"], one.metrics["train_loss"]) < LOSS_REL
+    return out, one, distance
+
+
 @pytest.mark.slow
 def test_sft_on_two_processes_equals_one(tiny_dir, tmp_path):
-    (tmp_path / "a").mkdir()
-    common = ["train.max_steps=4", "data.eval=null"]
-    out = launch(tmp_path / "a", "sft", "tiny_sft", *common, "train.batch_size=8",
-                 f"output.dir={tmp_path / 'a' / 'two'}", "--publish", "sft2", "--registry", str(tmp_path / "a" / "reg"))
-    one = one_process("sft", "tiny_sft", *common, "train.batch_size=16", f"output.dir={tmp_path / 'one'}")
-    distance = relative(weights(out["adapter"]), weights(one.path))
-    print(f"sft 2 processes: {out['wall_s']:.1f} s, weights {distance:.2g}, "
-          f"loss {relative(out['metrics']['train_loss'], one.metrics['train_loss']):.2g}")
-    check_one_artifact(tmp_path / "a", out, "sft2")
+    out, one, distance = two_against_one(tmp_path, "sft", ["train.max_steps=4", "data.eval=null"], "sft2")
     assert out["metrics"]["steps"] == one.metrics["steps"] == 4
-    assert relative(out["metrics"]["train_loss"], one.metrics["train_loss"]) < LOSS_REL
     assert distance < WEIGHTS_REL, distance  # (a launch that started one process would train on half the rows)
 
 
 @pytest.mark.slow
 def test_dpo_on_two_processes_equals_one(sft_adapter, tmp_path):
     # dpo.sft_weight=0: trl's RPO term is a token mean over each process's batch (see README)
-    (tmp_path / "a").mkdir()
-    common = ["train.max_steps=3", "dpo.sft_weight=0", "dpo.prompts=null", "data.eval=null",
-              f"dpo.parent=[{sft_adapter.path}]"]
-    out = launch(tmp_path / "a", "dpo", "tiny_dpo", *common, "train.batch_size=8",
-                 f"output.dir={tmp_path / 'a' / 'two'}", "--publish", "dpo2", "--registry", str(tmp_path / "a" / "reg"))
-    one = one_process("dpo", "tiny_dpo", *common, "train.batch_size=16", f"output.dir={tmp_path / 'one'}")
-    distance = relative(weights(out["adapter"]), weights(one.path))
-    print(f"dpo 2 processes: {out['wall_s']:.1f} s, weights {distance:.2g}, "
-          f"loss {relative(out['metrics']['train_loss'], one.metrics['train_loss']):.2g}")
-    check_one_artifact(tmp_path / "a", out, "dpo2")
-    assert relative(out["metrics"]["train_loss"], one.metrics["train_loss"]) < LOSS_REL
+    _, _, distance = two_against_one(tmp_path, "dpo", ["train.max_steps=3", "dpo.sft_weight=0", "dpo.prompts=null",
+                                                       "data.eval=null", f"dpo.parent=[{sft_adapter.path}]"], "dpo2")
     assert distance < WEIGHTS_REL, distance
 
 
