@@ -29,12 +29,10 @@ def sharded() -> str | None:
     processes (its FSDP or DeepSpeed ZeRO-3 config), else None: then the base loads without a
     device map (the launcher places the shards) and stores its 4-bit weights in the compute
     dtype (``quant.storage_dtype``)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
-    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
-        return "zero3"
-    return None
+    name = engine()
+    if name == "deepspeed":
+        return "zero3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else None
+    return name
 
 
 def engine() -> str | None:
@@ -95,13 +93,25 @@ def main_first() -> Iterator[None]:
         yield
 
 
+def tensor_sum(x: torch.Tensor) -> torch.Tensor:
+    """A tensor's element-wise sum over the processes (a detached copy; itself alone)."""
+    if not launched():
+        return x.detach().clone()
+    from accelerate.utils import reduce
+    return reduce(x.detach().clone(), "sum")
+
+
+def global_sum():
+    """``tensor_sum`` under a launch, None alone: what ``losses.masked_whiten(all_sum=...)``
+    takes to whiten over every process's tokens (alone it keeps its own one-batch path)."""
+    return tensor_sum if launched() else None
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums over the processes (the values themselves alone), in float64."""
     if not launched():
         return list(values)
-    from accelerate.utils import reduce
-    t = torch.tensor(values, dtype=torch.float64, device=state().device)
-    return reduce(t, "sum").tolist()
+    return tensor_sum(torch.tensor(values, dtype=torch.float64, device=state().device)).tolist()
 
 
 def mean(value: float) -> float:

@@ -30,6 +30,7 @@ import torch
 from adapterkit import losses, rewards
 from adapterkit.adapters import save_adapter
 from adapterkit.config import PPOConfig
+from adapterkit.distributed import all_sum, global_sum, launched, state, tensor_sum
 from adapterkit.evaluate import compare_to_parent, generate
 from adapterkit.plots import plot_curves
 from adapterkit.stages.common import (AdapterRecord, check_finite, load_splits, load_stage_tokenizer,
@@ -80,7 +81,6 @@ def setup(config: PPOConfig) -> PPORun:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import get_scheduler
     t, p = config.train, config.ppo
-    from adapterkit.distributed import state
     state()  # the process group (gloo on CPU), as every stage sets it up
     acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=t.grad_accum, kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
@@ -142,13 +142,6 @@ def step_prompts(run: PPORun) -> list[int]:
     return [_epoch_order(n, run.config.train.seed, i // n)[i % n] for i in step_rows(run)]
 
 
-def all_sum(run: PPORun):
-    """A tensor's sum over the processes, for statistics of the step's global batch (None
-    alone: nothing to add)."""
-    acc = run.accelerator
-    return None if acc.num_processes == 1 else (lambda x: acc.reduce(x.detach().clone(), "sum"))
-
-
 def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
     """InstructGPT's KL-shaped per-token reward (on normalised scores with
     ``ppo.normalize_scores``: statistics of every process's scores), then GAE and whitened
@@ -165,9 +158,9 @@ def add_advantages(run: PPORun, ro: Rollout, batch: dict) -> None:
     rewards, kl = losses.per_token_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask,
                                            run.kl_ctl.value, p.kl_estimator)
     if p.whiten_rewards:
-        rewards = losses.masked_whiten(rewards, mask, shift_mean=False, all_sum=all_sum(run))
+        rewards = losses.masked_whiten(rewards, mask, shift_mean=False, all_sum=global_sum())
     advantages, returns = losses.gae_advantages(rewards, batch["values"], mask, p.gamma, p.lam)
-    batch.update(kl=kl, returns=returns, advantages=losses.masked_whiten(advantages, mask, all_sum=all_sum(run)))
+    batch.update(kl=kl, returns=returns, advantages=losses.masked_whiten(advantages, mask, all_sum=global_sum()))
 
 
 def token_share(run: PPORun, rmask) -> torch.Tensor | float:
@@ -175,11 +168,10 @@ def token_share(run: PPORun, rmask) -> torch.Tensor | float:
     The losses are token means over each process's tokens and DDP averages the gradients, so
     scaling each process's loss by it makes the update the token mean over all of them: what
     one process holding every process's micro-batch computes."""
-    total = all_sum(run)
-    if total is None:
+    if not launched():
         return 1.0
     tokens = rmask.sum()
-    return tokens * run.accelerator.num_processes / total(tokens).clamp(min=1.0)
+    return tokens * run.accelerator.num_processes / tensor_sum(tokens).clamp(min=1.0)
 
 
 def micro_step(run: PPORun, ro: Rollout, batch: dict, idx) -> dict:
@@ -286,7 +278,6 @@ def held_out_score(run: PPORun) -> float:
     one is set, else the reward's (function or reward adapter). Under ``accelerate launch``
     each process scores its share of the prompts and the sums are added up, so every process
     gets the same number (and ``keep_best``/``patience`` decide the same way on each)."""
-    from adapterkit.distributed import all_sum as sum_over_processes
     p, roles, acc = run.config.ppo, run.roles, run.accelerator
     prompts = run.eval_prompts[acc.process_index::acc.num_processes]
     scores = []
@@ -296,7 +287,7 @@ def held_out_score(run: PPORun) -> float:
                              batch_size=p.rollout_batch_size)
         judge = rewards.FunctionScorer.load(p.scorer) if p.scorer is not None else roles.scorer
         scores = judge.score(prompts, responses)
-    total, count = sum_over_processes([float(sum(scores)), float(len(scores))])
+    total, count = all_sum([float(sum(scores)), float(len(scores))])
     return total / count
 
 
