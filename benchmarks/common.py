@@ -18,6 +18,14 @@ from pathlib import Path
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")  # every side, every script
 _SCRATCH: list[str] = []
+# Llama-3.1's published config.json shapes, for the planner's 8B/70B figures (no weights built
+# unless a CUDA benchmark asks): plan_check.py, scaling_table.py.
+_LLAMA3 = dict(num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+               tie_word_embeddings=False)
+LLAMA_SHAPES = {
+    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, **_LLAMA3),
+    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, **_LLAMA3),
+}
 
 
 def task_overrides(home: Path, stage: str, sft: Path, reward: Path) -> list[str]:

@@ -23,11 +23,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import build_base, run_side, scratch  # noqa: E402
+from common import LLAMA_SHAPES, build_base, run_side, scratch  # noqa: E402
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                tie_word_embeddings=False)
 # per stage: the recipe overrides of the measured run (small batches: two real steps on a CPU)
 RUNS = {
     "cpu": {"sft": ["train.batch_size=4", "data.max_length=96"],
@@ -137,7 +134,7 @@ def main() -> None:
               "models": {}}
     for model in models:
         base = Path(scratch()) / "base"
-        size = (build_base(base, 1024, 28, "nf4") if model == "311m" else build_shaped(base, LLAMA_8B))
+        size = (build_base(base, 1024, 28, "nf4") if model == "311m" else build_shaped(base, LLAMA_SHAPES["8B"]))
         parents = train_parents(base, data) if {"dpo", "ppo"} & set(args.stages.split(",")) else {}
         entry = report["models"][model] = {"model": size, "stages": {}}
         for stage in args.stages.split(","):

@@ -3,7 +3,7 @@ the planner's memory model (``adapterkit/memory.py``), nothing loaded, nothing d
 
     python benchmarks/scaling_table.py > docs/scaling_table.md
 
-The shapes are Llama-3.1's published config.json values; the stage recipes are the tiny ones
+The shapes are Llama-3.1's published config.json values (``common.LLAMA_SHAPES``); the stage recipes are the tiny ones
 with a real batch and length (below). Not a measurement: see ``plan_check.py`` for how close
 the model is to measured peaks.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 from transformers import LlamaConfig
 
-SHAPES = {"8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256),
-          "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=128256)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LLAMA_SHAPES  # noqa: E402
+
 ROWS = ["data.max_length=1024", "train.batch_size=4", "train.gradient_checkpointing=true"]
 PPO = ["data.max_length=512", "ppo.max_new_tokens=256", "ppo.rollout_batch_size=32", "train.batch_size=4",
        "train.gradient_checkpointing=true"]
@@ -34,7 +34,7 @@ def main() -> None:
     from adapterkit.memory import per_gpu_table, plan
     plans = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for size, shape in SHAPES.items():
+        for size, shape in LLAMA_SHAPES.items():
             folder = Path(tmp) / size
             LlamaConfig(**shape).save_pretrained(folder)
             for stage in ("sft", "reward", "dpo", "ppo"):
