@@ -66,10 +66,6 @@ class _Lengths:
             self.seq_len, self.rows = max(self.seq_len, ids.shape[1]), max(self.rows, ids.shape[0])
 
 
-def _trainer_model(run):
-    return run.trainer.model
-
-
 def measure_stage(config: StageConfig, steps: int = 2) -> Measurement:
     """Set the stage up as ``adapterkit <stage>`` does, then train ``steps`` steps (no
     evaluation, nothing saved) and return the peak of allocated tensor bytes and the shapes."""
@@ -100,7 +96,7 @@ def measure_stage(config: StageConfig, steps: int = 2) -> Measurement:
         ppo.rollout = recording
         lengths = None
     else:
-        lengths = _Lengths(_trainer_model(run))
+        lengths = _Lengths(run.trainer.model)
     try:
         if device == "cuda":
             torch.cuda.synchronize()
