@@ -6,10 +6,21 @@ there. Every CUDA tolerance is named at the assertion that uses it.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the stages put models
 ON_CUDA = DEVICE.type == "cuda"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child ``python -m adapterkit``: this checkout first on PYTHONPATH,
+    then whatever PYTHONPATH the suite runs under (packages installed by path stay importable)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def tol(cpu: float, cuda: float) -> float:

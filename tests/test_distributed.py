@@ -33,6 +33,11 @@ WEIGHTS_REL = 1e-3
 LOSS_REL = 1e-4
 # The three 2-process runs are marked slow: 100-145 s together on 2 busy CPU cores (plus the
 # session's tiny base and SFT adapter). `slow` tests run by default, in .ci/run too.
+# They are CPU tests (gloo, fp32 on both sides): where CUDA is visible the launched ranks
+# would each take a GPU (rank 1 has none on a one-GPU machine) and the in-process reference
+# would run in bf16, so they skip there.
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
+                              reason="CPU test: 2 gloo processes against 1 in fp32 (CUDA would put ranks on GPUs)")
 
 
 def free_port() -> int:
@@ -99,6 +104,7 @@ def two_against_one(tmp_path, stage: str, common: list[str], name: str):
 
 
 @pytest.mark.slow
+@CPU_ONLY
 def test_sft_on_two_processes_equals_one(tiny_dir, tmp_path):
     out, one, distance = two_against_one(tmp_path, "sft", ["train.max_steps=4", "data.eval=null"], "sft2")
     assert out["metrics"]["steps"] == one.metrics["steps"] == 4
@@ -106,6 +112,7 @@ def test_sft_on_two_processes_equals_one(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+@CPU_ONLY
 def test_dpo_on_two_processes_equals_one(sft_adapter, tmp_path):
     # dpo.sft_weight=0: trl's RPO term is a token mean over each process's batch (see README)
     _, _, distance = two_against_one(tmp_path, "dpo", ["train.max_steps=3", "dpo.sft_weight=0", "dpo.prompts=null",
@@ -114,6 +121,7 @@ def test_dpo_on_two_processes_equals_one(sft_adapter, tmp_path):
 
 
 @pytest.mark.slow
+@CPU_ONLY
 def test_ppo_on_two_processes_equals_one(sft_adapter, tmp_path):
     """Same rollouts (row-seeded sampling), rewards and advantages whitened over the global
     batch, token-weighted losses, and one held-out score every process agrees on."""

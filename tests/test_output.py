@@ -4,7 +4,6 @@ tables show each stage against its parent, a regression in red with its reason."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapterkit.cli import main
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ("{'loss'", "{'train_runtime'", "{'eval_loss'", "Loading weights")
@@ -22,7 +22,7 @@ def test_sft_json_pipes_into_json_load(tiny_dir, tmp_path):
     the progress bar on (the default)."""
     train = subprocess.Popen([sys.executable, "-m", "adapterkit", "sft", "tiny_sft", "train.max_steps=2",
                               "train.logging_steps=1", "data.eval=null", f"output.dir={tmp_path / 'sft'}", "--json"],
-                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                             cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     check = subprocess.run([sys.executable, "-c", "import json,sys; print(json.load(sys.stdin)['adapter'])"],
                            stdin=train.stdout, capture_output=True, text=True)

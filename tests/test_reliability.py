@@ -19,6 +19,7 @@ import pytest
 
 from adapterkit.artifact import MANIFEST, sha256_file, write_artifact
 from adapterkit.cli import main
+from helpers import child_env
 
 BASE_FP = {"id": "base0000", "weights": "w"}
 
@@ -445,9 +446,7 @@ def test_table_has_at_least_40_rows():
 def test_subprocess_one_line_exit_2(setup, tmp_path, ak_home):
     argv, expected = setup(tmp_path)
     before = snapshot(tmp_path)
-    import adapterkit
-    here = str(Path(adapterkit.__file__).parents[1])  # this checkout, whatever is installed
-    env = {**os.environ, "ADAPTERKIT_REGISTRY": "", "PYTHONPATH": here}
+    env = child_env(ADAPTERKIT_REGISTRY="")  # this checkout, whatever is installed
     proc = subprocess.run([sys.executable, "-m", "adapterkit", *argv], cwd=tmp_path, capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -4,7 +4,6 @@ same seed ends with (bit for bit on CPU: optimizer, scheduler, RNG and data posi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, event_tags
+from helpers import assert_close, child_env, event_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 4
@@ -25,7 +24,7 @@ def adapterkit_cmd(*args: str) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return child_env(OMP_NUM_THREADS="1")
 
 
 def kill_after_first_checkpoint(stage: str, recipe: str, overrides: list[str], ckpt: Path) -> int:

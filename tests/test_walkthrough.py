@@ -129,7 +129,7 @@ def test_policy_cards_reproduce_adapterkit(walked, tiny_dir, ref):
     reg = Registry.open(folder / "adapters")
     entry = reg.get(ref)
     scope = run_card(entry.path, tiny_dir / "base")
-    ids = tiny_ids(scope["tokenizer"])
+    ids = tiny_ids(scope["tokenizer"]).to(scope["model"].device)  # the card's model: on the GPU when there is one
     stack = load_stack(serving_stack(reg, ref), reg)
     (ours,) = prompt_logits(stack.model, stack.tokenizer, ["flip: hot up"], stack.names)
     with torch.no_grad():
@@ -159,8 +159,9 @@ def test_reward_card_reproduces_the_scores(walked, tiny_dir):
     from adapterkit.tokens import conversation_ids
     keep_compute_dtype(scope["model"])
     with torch.no_grad():
-        vanilla = [scope["model"](input_ids=torch.tensor([conversation_ids(tok, r["prompt"], r["chosen"])])).logits[0, 0].item()
-                   for r in rows]
+        device = scope["model"].device
+        vanilla = [scope["model"](input_ids=torch.tensor([conversation_ids(tok, r["prompt"], r["chosen"])], device=device))
+                   .logits[0, 0].item() for r in rows]
     assert max(abs(a - b) for a, b in zip(vanilla, ours)) < TOL
 
 
