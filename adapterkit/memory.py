@@ -22,7 +22,11 @@ GiB = 2**30
 BNB_BLOCK = 64                          # bitsandbytes' 4-bit blocksize (one absmax per 64 weights)
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768  # trl 1.16's chunked LM head tile (SFT, DPO): tokens x vocab
 MAX_BATCH = 4096                        # the largest batch size --gpu tries
-CUDA_RESERVE = GiB                      # CUDA context, cuBLAS workspace, allocator slack: not tensors
+CUDA_RESERVE = GiB                      # CUDA context, allocator slack: outside torch's allocated bytes
+# torch's cuBLAS(Lt) workspace, allocated through its caching allocator (counted as allocated):
+# 32 MiB per handle on Hopper (4 MiB on older cards), one handle for the forward's thread and
+# one for autograd's backward thread. Measured on an H100 (benchmarks/results/plan_check_h100.json).
+CUBLAS_WORKSPACE = 2 * 32 * 2**20
 UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": 2**20, "tb": 10**12, "tib": 2**40}  # --gpu
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -269,7 +273,8 @@ def _static(config, arch: Arch, device: str, c: int, notes: list[str]) -> tuple[
                 if device == "cpu" and b.quantization == "nf4" else {}),
              "adapters": 4 * (sum(a.params(arch) for a in adapters) + 2 * heads * arch.hidden),  # fp32
              "optimizer": 8 * trainable,   # AdamW's two fp32 moments per trainable (fp32) weight
-             "gradients": 4 * trainable}   # fp32, as the weights
+             "gradients": 4 * trainable,   # fp32, as the weights
+             **({"cublas_workspace": CUBLAS_WORKSPACE} if device == "cuda" else {})}
     return terms, adapters, max(a.r for a in adapters if a.trainable)
 
 
