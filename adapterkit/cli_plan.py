@@ -5,7 +5,8 @@ from __future__ import annotations
 from adapterkit.cli import command, print_json
 
 LABELS = {"base": "base weights", "adapters": "LoRA adapters + heads (fp32)",
-          "optimizer": "AdamW moments (fp32)", "gradients": "gradients (fp32)", "cublas_workspace": "cuBLAS workspaces (forward, backward)",
+          "optimizer": "AdamW moments (fp32)", "gradients": "gradients (fp32)",
+          "cublas_workspace": "cuBLAS workspaces (forward, backward)",
           "activations": "activations kept for backward", "lm_head": "LM head backward (trl's chunked tile)",
           "score_head": "reward scores", "layer_backward": "a layer's backward (+ its recompute)",
           "logits": "logits (B x response x V) and their gradients", "kv_cache": "generation KV cache",

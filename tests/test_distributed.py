@@ -15,7 +15,6 @@ config class; the DeepSpeed ones structurally (deepspeed is not installed here).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -26,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import child_env
 from tests.conftest import load_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_REL = 1e-3
 LOSS_REL = 1e-4
 # The three 2-process runs are marked slow: 100-145 s together on 2 busy CPU cores (plus the
@@ -53,8 +52,7 @@ def launch(cwd: Path, stage: str, recipe: str, *overrides: str) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config("ddp")),
            "--num_processes", "2", "--main_process_port", str(free_port()),
            "-m", "adapterkit", stage, recipe, *overrides, "--json", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",  # 2 processes on 2 cores
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(OMP_NUM_THREADS="1")  # 2 processes on 2 cores
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
