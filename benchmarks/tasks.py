@@ -6,7 +6,8 @@ mistake), held-out prompts, and names a ground-truth scorer with trl's reward-fu
 - ``tiny``: adapterkit's embedded "flip" task (``adapterkit/tiny.py``);
 - ``reverse``: reverse a list of words; the demonstrator rotates instead (below);
 - ``reverse_long``: reverse's preference pairs behind long system messages (reward only);
-- ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO).
+- ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO);
+- ``reverse_neg``: reverse_r4 with wrong-word answers among the rejected ones (a negative result).
 """
 from __future__ import annotations
 
