@@ -5,6 +5,8 @@
     python benchmarks/quality_vs_trl.py --merge tiny.json reverse.json --out all.json
 
 Per-stage results are kept in ``--root``/<task>/seed<N>/results.json: a rerun continues there.
+``--ppo-override KEY=VALUE`` (repeatable) screens another PPO recipe on the same SFT and reward
+adapters: its runs are kept apart (key and folder named after the overrides) and the report records them.
 
 For each seed a base is built for the task (``benchmarks/tasks.py``; a tiny seed stands in for
 another CPU's float rounding), then on it, with the hyper-parameters of the shipped tiny
@@ -221,7 +223,13 @@ def trl_dpo(home: Path, task, out: Path, base: Path, quant: str = "nf4") -> dict
 
 # -- one seed ----------------------------------------------------------------------------------------
 
-def run_seed(task_name: str, seed: int, root: str, stages: tuple, variants: tuple) -> dict:
+def ppo_tag(overrides: tuple) -> str:
+    """The suffix that keeps a screened PPO recipe's runs apart: '' for the shipped recipe."""
+    return "" if not overrides else "@" + ",".join(overrides).replace("/", "_")
+
+
+def run_seed(task_name: str, seed: int, root: str, stages: tuple, variants: tuple,
+             ppo_overrides: tuple = (), ppo_rewards: tuple = ("model", "truth")) -> dict:
     import torch
     torch.set_num_threads(1)
     import tasks
@@ -277,9 +285,12 @@ def run_seed(task_name: str, seed: int, root: str, stages: tuple, variants: tupl
         res["dpo_trl"]["parent_score"] = once("dpo_trl_parent_score", lambda: {"score": gen_score(
             str(merged), "nf4", [], prompts, scorer)})["score"]
     if "ppo" in stages:
-        res["ppo_ak"] = once("ppo_ak", lambda: ak_run("ppo", home, task, home / "ak_ppo", []))
-        res["ppo_ak_gt"] = once("ppo_ak_gt", lambda: ak_run("ppo", home, task, home / "ak_ppo_gt",
-                                                            [f"ppo.reward={task.SCORER}"]))
+        tag, extra = ppo_tag(ppo_overrides), list(ppo_overrides)
+        if "model" in ppo_rewards:
+            res["ppo_ak"] = once("ppo_ak" + tag, lambda: ak_run("ppo", home, task, home / f"ak_ppo{tag}", extra))
+        if "truth" in ppo_rewards:
+            res["ppo_ak_gt"] = once("ppo_ak_gt" + tag, lambda: ak_run("ppo", home, task, home / f"ak_ppo_gt{tag}",
+                                                                      [*extra, f"ppo.reward={task.SCORER}"]))
     return res
 
 
@@ -336,6 +347,10 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--peer-none", action="store_true", help="also the peer's SFT without quantization")
     ap.add_argument("--root", default="/tmp/adapterkit-quality", help="bases, adapters, per-seed results")
+    ap.add_argument("--ppo-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dotted override for both PPO runs (repeatable), e.g. ppo.temperature=1.0")
+    ap.add_argument("--ppo-reward", nargs="+", default=["model", "truth"], choices=("model", "truth"),
+                    help="which PPO runs: on the reward model, on the ground-truth scorer, or both")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out")
     ap.add_argument("--merge", nargs="+", metavar="REPORT", help="only combine these reports (one per task) into --out")
@@ -346,12 +361,14 @@ def main() -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     variants = ("peer_none",) if args.peer_none else ()
+    n = len(args.seeds)
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run_seed, [args.task] * len(args.seeds), args.seeds, [args.root] * len(args.seeds),
-                                [tuple(args.stages)] * len(args.seeds), [variants] * len(args.seeds)))
+        results = list(pool.map(run_seed, [args.task] * n, args.seeds, [args.root] * n, [tuple(args.stages)] * n,
+                                [variants] * n, [tuple(args.ppo_override)] * n, [tuple(args.ppo_reward)] * n))
     import adapterkit
     report = {"command": "python " + " ".join(sys.argv), "task": args.task, "machine": machine(),
               "adapterkit": str(Path(adapterkit.__file__).parent), "recipes": {s: recipe(s) for s in STAGES},
+              "ppo_overrides": args.ppo_override, "ppo_rewards": args.ppo_reward,
               "summary": summarise(results), "results": results}
     text = json.dumps(report, indent=2, default=str)
     if args.out:

@@ -6,7 +6,8 @@ mistake), held-out prompts, and names a ground-truth scorer with trl's reward-fu
 - ``tiny``: adapterkit's embedded "flip" task (``adapterkit/tiny.py``);
 - ``reverse``: reverse a list of words; the demonstrator rotates instead (below);
 - ``reverse_long``: reverse's preference pairs behind long system messages (reward only);
-- ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO).
+- ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO);
+- ``reverse_neg``: reverse_r4 with wrong-word answers among the rejected ones (a negative result).
 """
 from __future__ import annotations
 
@@ -229,3 +230,54 @@ TASKS["reverse_short"] = SimpleNamespace(
     build=lambda home, seed: build_reverse_long(home, seed, max_words=12),
     SCORER="benchmarks.tasks:reverse_reward",
     OVERRIDES={"reward": ["data.on_long=truncate", "data.max_length=20"]}, PEER={"reward": {"max_length": 20}})
+
+
+# -- "reverse_neg": reverse_r4 with word-level mistakes among the rejected answers -------------
+#
+# Reverse's pairs only ever reject a reordering of the prompt's own words, so its reward model
+# never learns that a word from outside the prompt, or a word twice, is wrong; PPO's samples
+# have such words, the reward model scores them at random, and the policy learns them. Here 40%
+# of the training pairs' rejected answers are instead the reversal with one word replaced by
+# another animal or by a neighbour (a duplicate). Base, SFT, prompts and held-out pairs are
+# reverse's (held-out accuracy stays comparable); the reward models train 4 epochs as reverse_r4.
+
+def wrong_word_answer(words, rng) -> str:
+    out = list(reversed(list(words)))
+    i = rng.randrange(len(out))
+    if rng.random() < 0.5:
+        out[i] = rng.choice([a for a in ANIMALS if a not in words])
+    else:
+        out[i] = out[i - 1] if i else out[1]
+    return " ".join(out)
+
+
+def build_reverse_neg(home: Path, seed: int, share: float = 0.4) -> None:
+    import json
+    import os
+    import random
+    if (home / "task.json").is_file():
+        return
+    source = home.parent.parent / "reverse" / f"seed{seed}"
+    build_reverse(source, seed)
+    rng = random.Random(seed + 11)
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    for part in ("base", "ak_sft"):
+        if not (home / part).exists():
+            os.symlink(source / part, home / part)
+    for split in ("sft", "sft_eval", "prompts", "prompts_eval", "preferences_eval"):
+        if not (home / "data" / f"{split}.jsonl").exists():
+            os.symlink(source / "data" / f"{split}.jsonl", home / "data" / f"{split}.jsonl")
+    out = []
+    for line in open(source / "data" / "preferences.jsonl"):
+        row = json.loads(line)
+        if rng.random() < share:
+            words = row["prompt"][-1]["content"].partition(":")[2].split()
+            row = {**row, "rejected": [{"role": "assistant", "content": wrong_word_answer(words, rng)}]}
+        out.append(row)
+    with open(home / "data" / "preferences.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in out)
+    (home / "task.json").write_text(json.dumps({"task": "reverse_neg", "source": str(source), "share": share}))
+
+
+TASKS["reverse_neg"] = SimpleNamespace(build=build_reverse_neg, SCORER="benchmarks.tasks:reverse_reward",
+                                       OVERRIDES={"reward": ["train.num_epochs=4"]}, PEER={"reward": {"epochs": 4}})
