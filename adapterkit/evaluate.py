@@ -101,3 +101,17 @@ def compare_to_parent(model, tokenizer, prompts: list, policy: list[str], parent
         for who, key in (("policy", "score"), ("parent", "parent_score")):
             out[key] = sum(score_completions(score, prompts, responses[who])) / len(prompts)
     return out, responses
+
+
+def ranking_agreement(scores: torch.Tensor, truth: torch.Tensor) -> float | None:
+    """How often ``scores`` order two samples as ``truth`` does: over the pairs whose true
+    scores differ, the fraction whose scores differ the same way (a tie in ``scores`` counts
+    half). 1: the same order; 0.5: chance; None: no pair with different true scores.
+    scores, truth: (N,)."""
+    scores, truth = scores.float(), truth.to(scores.device).float()
+    ahead = truth[:, None] > truth[None, :]          # (N, N): each differing pair once, truth's order
+    if not ahead.any():
+        return None
+    gap = (scores[:, None] - scores[None, :])[ahead]  # (pairs,)
+    return ((gap > 0).float() + 0.5 * (gap == 0).float()).mean().item()
+

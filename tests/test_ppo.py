@@ -17,6 +17,12 @@ FUNCTION_MARGIN = 0.05  # the shipped recipe as it is (normalize_scores): +0.090
 MODEL_MARGIN = 0.05     # reward adapter, the shipped recipe: +0.087 to +0.311
 
 
+def negated_tiny(prompts, completions, **kwargs):
+    """The tiny task's ground truth, negated: a reward that orders every pair against it."""
+    from adapterkit.tiny import reward
+    return [-x for x in reward(prompts, completions)]
+
+
 def ppo_config(sft_adapter, reward_adapter, out, *overrides):
     from adapterkit.config import load_config
     return load_config("ppo", "tiny_ppo", [
@@ -164,6 +170,25 @@ def test_log_and_curves(trained):
         assert all(isinstance(h[key], float) for h in log), key
     assert log[-1]["reward"] > log[0]["reward"]
     assert (record.path / "ppo.png").stat().st_size > 0
+    # the recipe's scorer on the same samples: its mean, and how often the reward model orders
+    # two samples as it does (the tiny reward model is right on ~95% of held-out pairs)
+    assert all(0 <= h["train_score"] <= 1 and 0 <= h["agreement"] <= 1 for h in log)
+    assert sum(h["agreement"] for h in log) / len(log) > 0.65, [h["agreement"] for h in log]  # seeds 0-4: 0.75-0.90
+    assert record.metrics["train_agreement"] == pytest.approx(sum(h["agreement"] for h in log) / len(log))
+
+
+def test_a_reward_against_the_scorer_is_named(sft_adapter, tmp_path, caplog):
+    """A reward that orders samples against the scorer (here its negation): agreement 0 on
+    every step, and a warning that says so."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.ppo import train_ppo
+    config = load_config("ppo", "tiny_ppo", ["train.max_steps=2", "ppo.eval_every=1", f"output.dir={tmp_path / 'a'}",
+                                             "train.progress=false", "ppo.reward=adapterkit.tiny:reward",
+                                             f"ppo.parent={json.dumps([str(sft_adapter.path)])}"])
+    config.ppo.reward = negated_tiny
+    with caplog.at_level("WARNING", logger="adapterkit"):
+        m = train_ppo(config).metrics
+    assert m["train_agreement"] == 0.0 and "(50% is chance)" in caplog.text
 
 
 def test_saved_dir_is_a_plain_policy_adapter(trained, sft_adapter, reward_adapter):
@@ -227,6 +252,8 @@ def test_ppo_on_a_reward_function_beats_its_parent_widely(function_ppo):
     assert function_ppo.manifest["reward_function"] == "adapterkit.tiny:reward"
     assert "reward_model" not in function_ppo.manifest
     assert m["score"] > m["parent_score"] + FUNCTION_MARGIN, m
+    # reward and scorer are one function: every pair of samples in the same order
+    assert [h["agreement"] for h in load_jsonl(function_ppo.path / "ppo_log.jsonl")] == [1.0] * m["steps"]
 
 
 def test_keep_best_saves_the_best_evaluated_policy(function_ppo):

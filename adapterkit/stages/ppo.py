@@ -31,7 +31,7 @@ from adapterkit import losses, rewards
 from adapterkit.adapters import save_adapter
 from adapterkit.config import PPOConfig
 from adapterkit.distributed import all_sum, global_sum, launched, state, tensor_sum
-from adapterkit.evaluate import compare_to_parent, generate
+from adapterkit.evaluate import compare_to_parent, generate, ranking_agreement
 from adapterkit.plots import plot_curves
 from adapterkit.stages.common import (AdapterRecord, check_finite, load_splits, load_stage_tokenizer,
                                       resume_checkpoint, run_stage, save_stage_artifact)
@@ -45,9 +45,14 @@ log = logging.getLogger("adapterkit")
 # KL-shaped reward's estimator); the manifest's "kl" is the held-out KL (greedy responses to
 # data.eval, as DPO reports it): two quantities, named apart wherever they are shown.
 CURVES = {"reward": "reward (train) and held-out score", "kl": "train KL to parent (sampled)",
-          "entropy": "entropy", "value_loss": "value loss"}
+          "entropy": "entropy", "value_loss": "value loss",
+          "agreement": "reward vs scorer: pairs of samples in the same order"}
 TRACKED = ("reward", "kl", "entropy", "value_loss", "policy_loss", "clip_fraction", "approx_kl",
-           "response_length", "kl_coef", "eval_score")  # what accelerate's trackers get, per step
+           "response_length", "kl_coef", "eval_score", "train_score", "agreement")  # accelerate's trackers, per step
+# Below this mean agreement of the reward with ppo.scorer on the train samples (0.5: chance)
+# finish warns. Measured (ppo_screen in benchmarks/results/README.md): tiny seeds 0-4, where PPO
+# gains +0.10..+0.29, 0.75-0.90; reverse seeds whose PPO gains nothing, 0.38-0.54.
+AGREEMENT_WARNING = 0.6
 
 
 @dataclass
@@ -70,6 +75,7 @@ class PPORun:
     evals: list = field(default_factory=list)  # [{"step", "eval_score"}], step 0 = the parent
     best: dict | None = None  # {"step", "eval_score", "weights": the policy adapter's tensors}
     score_moments: losses.RunningMoments = field(default_factory=losses.RunningMoments)  # ppo.normalize_scores
+    judge: object = None  # ppo.scorer (a rewards.FunctionScorer), or None
 
     @property
     def roles(self) -> SharedBase:
@@ -105,7 +111,7 @@ def setup(config: PPOConfig) -> PPORun:
     kl_ctl = (losses.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else losses.FixedKLController(p.kl_coef))
     run = PPORun(config, acc, model, tokenizer, optimizer, scheduler, kl_ctl, prompts, evals,
-                 total, manifest, raw)
+                 total, manifest, raw, judge=rewards.FunctionScorer.load(p.scorer) if p.scorer is not None else None)
     checkpoint = resume_checkpoint(config)
     if checkpoint is not None:
         log.info("ppo: resuming from %s", checkpoint)
@@ -228,9 +234,14 @@ def train_step(run: PPORun) -> dict:
     local = {"reward": batch["scores"].mean(), "kl": batch["kl"].sum(-1).mean(),
              "entropy": losses.masked_mean(batch["entropy"], mask) * token_share(run, mask),
              "response_length": mask.sum(-1).mean(), **stats}
+    if run.judge is not None:  # the scorer's mean on the samples the reward scored
+        local["train_score"] = batch["true_scores"].mean()
     log = {k: acc.reduce(torch.as_tensor(v, device=acc.device).float(), "mean").item()
            for k, v in local.items()}
     log = {"step": run.step + 1, **log, "kl_coef": run.kl_ctl.value}
+    if run.judge is not None:  # over every process's samples: the same number on each
+        agreement = ranking_agreement(acc.gather(batch["scores"]), acc.gather(batch["true_scores"]))
+        log |= {"agreement": agreement} if agreement is not None else {}
     run.kl_ctl.update(log["kl"], p.rollout_batch_size * acc.num_processes)
     run.step += 1
     run.history.append(log)
@@ -285,8 +296,7 @@ def held_out_score(run: PPORun) -> float:
         roles.use("policy")
         responses = generate(roles.peft, run.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
                              batch_size=p.rollout_batch_size)
-        judge = rewards.FunctionScorer.load(p.scorer) if p.scorer is not None else roles.scorer
-        scores = judge.score(prompts, responses)
+        scores = (run.judge or roles.scorer).score(prompts, responses)
     total, count = all_sum([float(sum(scores)), float(len(scores))])
     return total / count
 
@@ -346,7 +356,7 @@ def finish(run: PPORun, result=None) -> AdapterRecord:
         last = history[-1] if history else {}
         restore_best(run)
         metrics = {**evaluate_policy(run), "steps": run.step, "train_reward": last.get("reward"),
-                   "train_kl": last.get("kl"), "kl_coef": run.kl_ctl.value}
+                   "train_kl": last.get("kl"), "kl_coef": run.kl_ctl.value, **judged(history)}
         if run.best is not None:
             metrics |= {"best_step": run.best["step"], "best_eval_score": run.best["eval_score"]}
 
@@ -355,7 +365,8 @@ def finish(run: PPORun, result=None) -> AdapterRecord:
         judge = "scorer" if run.config.ppo.scorer is not None else "reward"
         points[CURVES["reward"]] = {  # one panel: over-optimisation shows as the lines parting
             "reward (train)": points[CURVES["reward"]],
-            f"held-out score ({judge})": [(e["step"], e["eval_score"]) for e in run.evals]}
+            f"held-out score ({judge})": [(e["step"], e["eval_score"]) for e in run.evals],
+            "scorer on the train samples": [(h["step"], h["train_score"]) for h in history if "train_score" in h]}
         plot_curves(tmp / "ppo.png", points, "PPO")
         (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
@@ -364,6 +375,19 @@ def finish(run: PPORun, result=None) -> AdapterRecord:
     if run.config.trackers:
         acc.end_training()
     return record
+
+
+def judged(history: list[dict]) -> dict:
+    """With ``ppo.scorer``: the scorer's mean on the last step's samples, and the reward's
+    agreement with it over the run (mean of the steps); a warning when that is near chance."""
+    agreement = [h["agreement"] for h in history if "agreement" in h]
+    if not agreement:
+        return {}
+    mean = sum(agreement) / len(agreement)
+    if mean < AGREEMENT_WARNING:
+        log.warning("ppo: the reward put the train samples in ppo.scorer's order for %.0f%% of the pairs "
+                    "(50%% is chance): it rewards what the scorer does not, and PPO optimised that", 100 * mean)
+    return {"train_score": history[-1]["train_score"], "train_agreement": mean}
 
 
 def train_ppo(config: PPOConfig) -> AdapterRecord:

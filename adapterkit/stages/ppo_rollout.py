@@ -108,8 +108,8 @@ def gather_logprobs(logits, tokens):
 
 @torch.no_grad()
 def score_rollout(run: PPORun, ro: Rollout) -> dict:
-    """Per rollout: reward score (B,); policy (from sampling) and reference log-probs, entropy
-    and values (B, R)."""
+    """Per rollout: reward score (B,), and the ``ppo.scorer``'s when one is set (B,); policy
+    (from sampling) and reference log-probs, entropy and values (B, R)."""
     roles, t = run.roles, run.config.train
     chunk, parts = t.batch_size * t.grad_accum, []
     for i in range(0, ro.ids.size(0), chunk):
@@ -119,11 +119,15 @@ def score_rollout(run: PPORun, ro: Rollout) -> dict:
         part = {"ref_logprobs": gather_logprobs(roles.response_logits(ids, mask, ro.n_resp), resp)}
         roles.use("value")
         part["values"] = roles.response_values(ids, mask, ro.n_resp)
-        if isinstance(roles.scorer, rewards.FunctionScorer):  # scores the decoded responses
-            texts = run.tokenizer.batch_decode(resp, skip_special_tokens=True)
+        function = isinstance(roles.scorer, rewards.FunctionScorer)
+        texts = (run.tokenizer.batch_decode(resp, skip_special_tokens=True)
+                 if function or run.judge is not None else None)  # functions score decoded responses
+        if function:
             part["scores"] = torch.tensor(roles.scorer.score(ro.prompts[i:i + chunk], texts), device=ids.device)
         else:
             part["scores"] = roles.scorer.score_ids(ids, mask)
+        if run.judge is not None:  # ppo.scorer on the same samples: does the reward rank them as it does?
+            part["true_scores"] = torch.tensor(run.judge.score(ro.prompts[i:i + chunk], texts), device=ids.device)
         parts.append(part)
     return {"logprobs": ro.logprobs, "entropy": ro.entropy,
             **{k: torch.cat([part[k] for part in parts]) for k in parts[0]}}
