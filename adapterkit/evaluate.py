@@ -114,4 +114,3 @@ def ranking_agreement(scores: torch.Tensor, truth: torch.Tensor) -> float | None
         return None
     gap = (scores[:, None] - scores[None, :])[ahead]  # (pairs,)
     return ((gap > 0).float() + 0.5 * (gap == 0).float()).mean().item()
-

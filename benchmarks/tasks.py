@@ -173,17 +173,24 @@ TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks
 FILLER = ["the", "list", "reversed", "is", "comes", "before", "."]
 
 
+def reverse_variant(home: Path, seed: int, salt: int):
+    """A variant of reverse's seed ``seed`` in ``home``: None when it is built already, else
+    (reverse's own folder, built first; a random generator of its own) with ``home/data`` made."""
+    import random
+    if (home / "task.json").is_file():
+        return None
+    source = home.parent.parent / "reverse" / f"seed{seed}"
+    build_reverse(source, seed)
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    return source, random.Random(seed + salt)
+
+
 def build_reverse_long(home: Path, seed: int, max_words: int = 100) -> None:
     import json
     import os
-    import random
-    if (home / "task.json").is_file():
+    if (made := reverse_variant(home, seed, 7)) is None:
         return
-    source = home.parent.parent / "reverse" / f"seed{seed}"
-    build_reverse(source, seed)
-    rng = random.Random(seed + 7)
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "data").mkdir(exist_ok=True)
+    source, rng = made
     if not (home / "base").exists():
         os.symlink(source / "base", home / "base")
 
@@ -254,13 +261,9 @@ def wrong_word_answer(words, rng) -> str:
 def build_reverse_neg(home: Path, seed: int, share: float = 0.4) -> None:
     import json
     import os
-    import random
-    if (home / "task.json").is_file():
+    if (made := reverse_variant(home, seed, 11)) is None:
         return
-    source = home.parent.parent / "reverse" / f"seed{seed}"
-    build_reverse(source, seed)
-    rng = random.Random(seed + 11)
-    (home / "data").mkdir(parents=True, exist_ok=True)
+    source, rng = made
     for part in ("base", "ak_sft"):
         if not (home / part).exists():
             os.symlink(source / part, home / part)

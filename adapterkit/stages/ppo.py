@@ -362,10 +362,10 @@ def finish(run: PPORun, result=None) -> AdapterRecord:
 
     def extra(tmp: Path) -> None:
         points = {CURVES[k]: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
-        judge = "scorer" if run.config.ppo.scorer is not None else "reward"
+        by = "scorer" if run.judge is not None else "reward"
         points[CURVES["reward"]] = {  # one panel: over-optimisation shows as the lines parting
             "reward (train)": points[CURVES["reward"]],
-            f"held-out score ({judge})": [(e["step"], e["eval_score"]) for e in run.evals],
+            f"held-out score ({by})": [(e["step"], e["eval_score"]) for e in run.evals],
             "scorer on the train samples": [(h["step"], h["train_score"]) for h in history if "train_score" in h]}
         plot_curves(tmp / "ppo.png", points, "PPO")
         (tmp / "ppo_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
