@@ -19,7 +19,8 @@
 #              (PEER_PYTHON, default .venv-trl112/bin/python; skipped when absent)
 #
 # A step that runs past its limit is sent SIGINT first (pytest then still prints its failures),
-# then killed 30 s later. Each step writes benchmarks/results/gpu_<card>_<step>.json (the card's name in the file
+# then killed 30 s later; the cuda and suite steps also write each failure's reason as it
+# happens to gpu_<card>_<step>_failures.txt. Each step writes benchmarks/results/gpu_<card>_<step>.json (the card's name in the file
 # name and in the JSON) and its log beside it; RESULTS=DIR writes elsewhere. The exit status
 # is 0 when every step passed, 1 when one failed, 2 when there is no CUDA GPU.
 set -uo pipefail
@@ -72,8 +73,10 @@ for step in ${STEPS:-versions cuda suite quickstart launch plan sft dpo ppo}; do
   case $step in
     versions)   run versions 60 "" -- bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
                   $PY -c 'import torch,transformers,peft,trl,bitsandbytes as b; print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__version__, trl.__version__, b.__version__)'";;
-    cuda)       run cuda 360 "" -- "$PY" -m pytest -q -p no:cacheprovider -m cuda -rA tests/test_cuda.py;;
+    cuda)       ADAPTERKIT_FAILURES="$results/gpu_${slug}_cuda_failures.txt" \
+                run cuda 360 "" -- "$PY" -m pytest -q -p no:cacheprovider -m cuda -rA tests/test_cuda.py;;
     suite)      xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${XDIST:-6}")
+                ADAPTERKIT_FAILURES="$results/gpu_${slug}_suite_failures.txt" \
                 run suite 420 "" -- "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfEs $xdist -m "not cuda and not notebooks";;
     quickstart) run quickstart 240 "$scratch/quickstart.json" -- bash -c \
                   "$PY -m adapterkit quickstart --out '$scratch/qs' --quiet --json > '$scratch/quickstart.json'";;

@@ -16,6 +16,16 @@ if "OMP_NUM_THREADS" not in os.environ:  # CI's 2 cores; respect an explicit set
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_runtest_logreport(report):
+    """``ADAPTERKIT_FAILURES=FILE``: each failure's reason appended to FILE as it happens, by
+    the process that ran the test (benchmarks/gpu.sh sets it: a run cut off at a time limit
+    keeps the reasons it found so far)."""
+    path = os.environ.get("ADAPTERKIT_FAILURES")
+    if path and report.failed and getattr(report, "node", None) is None:  # xdist's controller: a copy
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 @pytest.fixture(scope="session")
 def ak_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("adapterkit-home")
