@@ -6,7 +6,10 @@ SFT -> reward -> DPO and PPO, each scored on held-out prompts by the ground-trut
     python benchmarks/seeds.py --seeds 0 1 --stages ppo --reuse DIR ppo.kl_coef=0.3
 
 ``--reuse DIR`` keeps the bases and the SFT/reward adapters in DIR between runs, so a PPO or
-DPO recipe change re-runs only that stage. Trailing ``key=value`` words override the stage
+DPO recipe change re-runs only that stage. ``--fresh N`` also scores the DPO and PPO adapters
+and their SFT parent on N prompts that no split of the seed's data holds (PPO's ``keep_best``
+picks its step on ``prompts_eval``, the prompts its reported score is measured on: the fresh
+score has no such selection in it). Trailing ``key=value`` words override the stage
 recipes (``ppo.*`` only reaches PPO, ``dpo.*`` only DPO, ``train.*`` every stage named in
 ``--stages``). Not a test: it prints and writes one JSON report.
 """
@@ -32,7 +35,7 @@ def overrides_for(stage: str, extra: list[str]) -> list[str]:
     return [o for o in extra if o.startswith(("train.", "lora.", *own))]
 
 
-def run_seed(seed: int, root: str, stages: tuple[str, ...], extra: list[str]) -> dict:
+def run_seed(seed: int, root: str, stages: tuple[str, ...], extra: list[str], fresh: int = 0) -> dict:
     """One tiny base and the named stages on it; earlier stages' adapters are reused."""
     import torch
     torch.set_num_threads(1)
@@ -59,6 +62,45 @@ def run_seed(seed: int, root: str, stages: tuple[str, ...], extra: list[str]) ->
         out[stage] = {**train_stage(stage, config).metrics, "seconds": round(time.perf_counter() - start, 1)}
     if "sft" in out and "ppo" in out:
         out["sft"]["score"] = out["ppo"].get("parent_score", out["sft"].get("score"))
+    for stage, metrics in (fresh_scores(home, fresh, seed) if fresh else {}).items():
+        out.setdefault(stage, {}).update(metrics)
+    return out
+
+
+def fresh_prompts(home: Path, n: int, seed: int) -> list:
+    """``n`` tiny prompts of 2-3 words whose word tuple is in none of ``home/data``'s splits."""
+    import random
+    from adapterkit.tiny import WORDS, make_prompt, prompt_words
+    seen = set()
+    for split in home.glob("data/*.jsonl"):
+        for line in split.read_text().splitlines():
+            row = json.loads(line)
+            turns = row.get("messages") or row["prompt"]
+            seen.add(tuple(prompt_words(next(t["content"] for t in turns if t["role"] == "user"))))
+    rng, out = random.Random(1_000_003 + seed), {}
+    while len(out) < n:
+        words = tuple(rng.sample(WORDS, rng.choice([2, 3])))
+        if words not in seen:
+            out[words] = [{"role": "user", "content": make_prompt(list(words))}]
+    return list(out.values())
+
+
+def fresh_scores(home: Path, n: int, seed: int) -> dict:
+    """DPO's and PPO's score (and their SFT parent's) on ``fresh_prompts``: greedy answers, the
+    tiny scorer, each stage's recipe answer length."""
+    from adapterkit.adapters import load_adapters
+    from adapterkit.base import load_base
+    from adapterkit.config import load_config
+    from adapterkit.evaluate import compare_to_parent
+    from adapterkit.sections import BaseSection
+    stages = [s for s in ("dpo", "ppo") if (home / s / "adapterkit.json").is_file()]
+    model, tok = load_base(BaseSection(name=str(home / "base")))
+    model, _ = load_adapters(model, [home / "sft", *(home / s for s in stages)], ["sft", *stages])
+    prompts, out = fresh_prompts(home, n, seed), {}
+    for stage in stages:
+        length = getattr(load_config(stage, f"tiny_{stage}", []), stage).max_new_tokens
+        metrics, _ = compare_to_parent(model, tok, prompts, ["sft", stage], ["sft"], "tiny", length)
+        out[stage] = {"fresh_" + k: v for k, v in metrics.items()}
     return out
 
 
@@ -70,11 +112,12 @@ def summarise(results: list[dict]) -> dict:
         if values:
             rows[stage] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
     for stage in ("dpo", "ppo"):
-        gains = [r[stage]["score"] - r[stage]["parent_score"] for r in results
-                 if stage in r and "parent_score" in r[stage]]
-        if gains:
-            rows[f"{stage}_gain_over_sft"] = {"min": min(gains), "median": statistics.median(gains),
-                                              "max": max(gains)}
+        for tag in ("", "fresh_"):
+            gains = [r[stage][tag + "score"] - r[stage][tag + "parent_score"] for r in results
+                     if stage in r and tag + "parent_score" in r[stage]]
+            if gains:
+                rows[f"{stage}_{tag}gain_over_sft"] = {"min": min(gains), "median": statistics.median(gains),
+                                                       "max": max(gains)}
     return rows
 
 
@@ -85,6 +128,8 @@ def main() -> None:
     ap.add_argument("--reuse", help="keep bases and adapters here (default: a fresh temp dir)")
     ap.add_argument("--jobs", type=int, default=2, help="seeds run in parallel, one thread each")
     ap.add_argument("--out", help="write the JSON report here")
+    ap.add_argument("--fresh", type=int, default=0, metavar="N",
+                    help="also score DPO, PPO and their SFT parent on N prompts no split holds")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
     import tempfile
@@ -92,7 +137,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_seed, args.seeds, [root] * len(args.seeds),
-                                [tuple(args.stages)] * len(args.seeds), [args.overrides] * len(args.seeds)))
+                                [tuple(args.stages)] * len(args.seeds), [args.overrides] * len(args.seeds),
+                                [args.fresh] * len(args.seeds)))
     report = {"command": " ".join(sys.argv), "root": root, "results": results, "summary": summarise(results)}
     text = json.dumps(report, indent=2, default=str)
     if args.out:
@@ -100,7 +146,8 @@ def main() -> None:
     print(json.dumps(report["summary"], indent=2))
     for r in results:
         print(r["seed"], {s: {k: round(v, 3) for k, v in r[s].items() if k in (
-            "score", "parent_score", "eval_accuracy", "kl") and isinstance(v, float)}
+            "score", "parent_score", "eval_accuracy", "kl", "fresh_score", "fresh_parent_score")
+            and isinstance(v, float)}
             for s in STAGE_ORDER if s in r})
 
 
