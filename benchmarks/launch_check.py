@@ -33,7 +33,10 @@ def start(side: str, stage: str, overrides: list[str], out: Path) -> tuple[subpr
     launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config("single_gpu"))]
                 if side == "launched" else [sys.executable])
     cmd = [*launcher, "-m", "adapterkit", stage, f"tiny_{stage}", *overrides, f"output.dir={out}", "--json", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # this checkout first, then the caller's PYTHONPATH (tests/helpers.child_env's rule; no empty
+    # entry, which would put the working directory on the path)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
 
 
