@@ -4,8 +4,8 @@ reward-function signature, ``fn(prompts, completions, **kwargs) -> list[float]``
 - ``prompts`` are as the data holds them: text, or a conversation (a list of messages);
 - ``completions`` follow the prompt's format: text, or ``[{"role": "assistant", "content": ...}]``.
 
-A recipe names one as ``module:function`` (imported from the user's environment: the user
-asked for that code by naming it) or by a short name registered in ``resolvers.py`` (``tiny``). They serve
+A recipe names one as ``module:function`` (imported from the user's environment, or from the
+working directory as ``python -m`` would: the user asked for that code by naming it) or by a short name registered in ``resolvers.py`` (``tiny``). They serve
 as PPO's reward (``ppo.reward``, instead of a reward adapter) and as the ground-truth scorer of
 held-out prompts (``ppo.scorer``, ``dpo.scorer``). In Python the callable itself may be given.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,14 +47,29 @@ def load_function(ref: str | RewardFunction) -> RewardFunction:
     target = reward_target(ref) or ref
     module_name, _, attr = target.partition(":")
     try:
-        obj = importlib.import_module(module_name)
+        obj = _import(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"reward function {ref!r}: cannot import {target} ({err})") from None
+        raise ConfigError(f"reward function {ref!r}: cannot import {target} ({err}; the module must be "
+                          "installed, on PYTHONPATH or in the working directory)") from None
     if not callable(obj):
         raise ConfigError(f"reward function {ref!r}: {target} is not callable")
     return obj
+
+
+def _import(module_name: str):
+    """``import_module``, and where the module is not found, again with the working directory on
+    ``sys.path`` (appended, so installed packages still win): the ``adapterkit`` console script,
+    unlike ``python -m``, does not put it there, and a user's ``my_rewards.py`` lives there."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != module_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
 
 
 def completion_like(prompt, text: str):

@@ -41,6 +41,20 @@ def test_bad_references_are_one_clear_error(ref, match):
         rewards.load_function(ref)
 
 
+def test_a_module_in_the_working_directory_loads_as_from_python_m(tmp_path, monkeypatch):
+    """The console script does not put the working directory on sys.path; a user's own
+    ``my_rewards.py`` there must load all the same (and a missing one says where it looked)."""
+    import sys
+    (tmp_path / "my_rewards_xyz.py").write_text("def judge(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    fn = rewards.load_function("my_rewards_xyz:judge")
+    assert fn(prompts=["a"], completions=["b"]) == [1.0]
+    monkeypatch.delitem(sys.modules, "my_rewards_xyz")
+    with pytest.raises(ConfigError, match="working directory"):
+        rewards.load_function("my_rewards_missing_xyz:judge")
+
+
 @pytest.mark.parametrize("returned", [None, [0.1], [1.0, float("nan")], ["high", "low"]])
 def test_a_function_returning_the_wrong_thing_is_named(returned):
     with pytest.raises(ConfigError, match="reward function"):
