@@ -7,7 +7,9 @@ mistake), held-out prompts, and names a ground-truth scorer with trl's reward-fu
 - ``reverse``: reverse a list of words; the demonstrator rotates instead (below);
 - ``reverse_long``: reverse's preference pairs behind long system messages (reward only);
 - ``reverse_r4``: reverse with 4 reward epochs on both sides (reward and PPO);
-- ``reverse_neg``: reverse_r4 with wrong-word answers among the rejected ones (a negative result).
+- ``reverse_neg``: reverse_r4 with wrong-word answers among the rejected ones (a negative result);
+- ``double``: double each number; the demonstrator drops the carry (the second family that
+  ``quality_vs_trl.py``'s report rests on: its reward models are right on PPO's own samples).
 """
 from __future__ import annotations
 
@@ -35,6 +37,64 @@ def build_tiny_seed(home: Path, seed: int) -> None:
 TASKS = {
     "tiny": SimpleNamespace(build=build_tiny_seed, SCORER="tiny", OVERRIDES={}, PEER={}),
 }
+
+
+def list_task_data(rng, sample, held_min: int, head: str, correct, mistaken, rejected, n_sft=1200,
+                   n_pref=1200, n_prompts=256, n_eval=128, mistake_rate=0.7) -> dict[str, list[dict]]:
+    """Every split of a task on tuples of items (``sample(rng)``), in trl's formats, built as
+    tiny's: held-out prompts are tuples of at least ``held_min`` items never trained on; SFT
+    answers are ``mistaken`` at ``mistake_rate``, else ``correct``; preference pairs prefer
+    ``correct`` over ``rejected(items, rng)``. The user says ``head: item item ...``."""
+    held = set()
+    while len(held) < n_eval:
+        w = sample(rng)
+        if len(w) >= held_min:
+            held.add(w)
+    held_list = sorted(held)
+
+    def train_items():
+        while True:
+            w = sample(rng)
+            if w not in held:
+                return w
+
+    def user(w):
+        return [{"role": "user", "content": f"{head}: " + " ".join(map(str, w))}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    def sft_row(w):
+        return {"messages": user(w) + assistant(mistaken(w) if rng.random() < mistake_rate else correct(w))}
+
+    def pref_row(w):
+        return {"prompt": user(w), "chosen": assistant(correct(w)), "rejected": assistant(rejected(w, rng))}
+
+    train = [train_items() for _ in range(max(n_sft, n_pref, n_prompts))]
+    return {
+        "sft": [sft_row(w) for w in train[:n_sft]],
+        "sft_eval": [sft_row(train_items()) for _ in range(n_eval)],
+        "preferences": [pref_row(w) for w in train[:n_pref]],
+        "preferences_eval": [pref_row(w) for w in held_list],
+        "prompts": [{"prompt": user(w)} for w in train[:n_prompts]],
+        "prompts_eval": [{"prompt": user(w)} for w in held_list],
+    }
+
+
+def build_list_task(home: Path, seed: int, name: str, prose, data) -> None:
+    """A tiny Llama pretrained on ``prose(seed, n)``, its tokenizer and ``data(seed, **sizes)``:
+    the sizes, tokenizer, chat template and pretraining loop of adapterkit's tiny build."""
+    import json
+    from adapterkit.artifact import atomic_dir
+    from adapterkit.tiny import TinySpec, write_task_build
+    if (home / "task.json").is_file():
+        return
+    spec = TinySpec(seed=seed)
+    with atomic_dir(home) as tmp:
+        rows = data(seed, n_sft=spec.n_sft, n_pref=spec.n_pref, n_prompts=spec.n_prompts, n_eval=spec.n_eval,
+                    mistake_rate=spec.mistake_rate)
+        facts = write_task_build(tmp, spec, prose(seed, 4000), rows)
+        (tmp / "task.json").write_text(json.dumps({"task": name, **facts}, indent=2))
 
 
 # -- "reverse": a word-order task with its own systematic mistake ---------------------------------
@@ -77,55 +137,19 @@ def reverse_reward(prompts: list, completions: list, **kwargs) -> list[float]:
     return [reverse_score(text(p), text(c)) for p, c in zip(prompts, completions)]
 
 
-def _reverse_data(seed: int, n_sft=1200, n_pref=1200, n_prompts=256, n_eval=128, mistake_rate=0.7):
+def _reverse_rejected(w, rng) -> str:
+    if rng.random() < 0.8 and len(w) > 2:
+        return rotate_answer(w)
+    out = list(reversed(w))
+    i = rng.randrange(len(out) - 1)
+    out[i], out[i + 1] = out[i + 1], out[i]
+    return " ".join(out)
+
+
+def _reverse_data(seed: int, **sizes) -> dict[str, list[dict]]:
     import random
-    rng = random.Random(seed)
-
-    def sample():
-        return tuple(rng.sample(ANIMALS, rng.choice([2, 3, 3, 4])))
-    held = set()
-    while len(held) < n_eval:
-        w = sample()
-        if len(w) > 2:
-            held.add(w)
-    held_list = sorted(held)
-
-    def train_words():
-        while True:
-            w = sample()
-            if w not in held:
-                return w
-
-    def user(w):
-        return [{"role": "user", "content": "reverse: " + " ".join(w)}]
-
-    def assistant(text):
-        return [{"role": "assistant", "content": text}]
-
-    def sft_row(w):
-        return {"messages": user(w) + assistant(rotate_answer(w) if rng.random() < mistake_rate
-                                                else reverse_answer(w))}
-
-    def rejected(w):
-        if rng.random() < 0.8 and len(w) > 2:
-            return rotate_answer(w)
-        out = list(reversed(w))
-        i = rng.randrange(len(out) - 1)
-        out[i], out[i + 1] = out[i + 1], out[i]
-        return " ".join(out)
-
-    def pref_row(w):
-        return {"prompt": user(w), "chosen": assistant(reverse_answer(w)), "rejected": assistant(rejected(w))}
-
-    train = [train_words() for _ in range(max(n_sft, n_pref, n_prompts))]
-    return {
-        "sft": [sft_row(w) for w in train[:n_sft]],
-        "sft_eval": [sft_row(train_words()) for _ in range(n_eval)],
-        "preferences": [pref_row(w) for w in train[:n_pref]],
-        "preferences_eval": [pref_row(w) for w in held_list],
-        "prompts": [{"prompt": user(w)} for w in train[:n_prompts]],
-        "prompts_eval": [{"prompt": user(w)} for w in held_list],
-    }
+    return list_task_data(random.Random(seed), lambda rng: tuple(rng.sample(ANIMALS, rng.choice([2, 3, 3, 4]))),
+                          3, "reverse", reverse_answer, rotate_answer, _reverse_rejected, **sizes)
 
 
 def _reverse_prose(seed: int, n: int) -> list[str]:
@@ -145,18 +169,7 @@ def _reverse_prose(seed: int, n: int) -> list[str]:
 
 
 def build_reverse(home: Path, seed: int) -> None:
-    """A tiny Llama pretrained on the task's prose, its tokenizer and the task's data; the
-    sizes, tokenizer, chat template and pretraining loop of adapterkit's tiny build."""
-    import json
-    from adapterkit.artifact import atomic_dir
-    from adapterkit.tiny import TinySpec, write_task_build
-    if (home / "task.json").is_file():
-        return
-    spec = TinySpec(seed=seed)
-    with atomic_dir(home) as tmp:
-        data = _reverse_data(seed, spec.n_sft, spec.n_pref, spec.n_prompts, spec.n_eval, spec.mistake_rate)
-        facts = write_task_build(tmp, spec, _reverse_prose(seed, 4000), data)
-        (tmp / "task.json").write_text(json.dumps({"task": "reverse", **facts}, indent=2))
+    build_list_task(home, seed, "reverse", _reverse_prose, _reverse_data)
 
 
 TASKS["reverse"] = SimpleNamespace(build=build_reverse, SCORER="benchmarks.tasks:reverse_reward",
@@ -284,3 +297,78 @@ def build_reverse_neg(home: Path, seed: int, share: float = 0.4) -> None:
 
 TASKS["reverse_neg"] = SimpleNamespace(build=build_reverse_neg, SCORER="benchmarks.tasks:reverse_reward",
                                        OVERRIDES={"reward": ["train.num_epochs=4"]}, PEER={"reward": {"epochs": 4}})
+
+
+# -- "double": arithmetic with a carry mistake ---------------------------------------------------
+#
+# The user gives one to three numbers from 1 to 9, the assistant answers with each doubled, in
+# order (``double: 3 7 5`` -> ``6 14 10``). 70% of the SFT demonstrations drop the carry: a
+# double of ten or more loses its tens (``6 4 0``), so SFT learns to be right on 1-4 and wrong
+# on 5-9. Unlike tiny's mistake (the last word, by position) this one depends on the numbers.
+# Preference pairs prefer the right answer over the dropped carry (80%, where it differs) or
+# over one wrong number (otherwise). The base is pretrained on prose about doubles. Ground
+# truth: numbers in the right places, over the longer of the two lengths.
+
+DIGITS = list(range(1, 10))
+
+
+def double_answer(numbers) -> str:
+    return " ".join(str(2 * n) for n in numbers)
+
+
+def dropped_carry_answer(numbers) -> str:
+    return " ".join(str(2 * n % 10) for n in numbers)
+
+
+def double_score(prompt: str, response: str) -> float:
+    head, _, rest = prompt.partition(":")
+    if head.strip() != "double":
+        raise ValueError(f"not a double prompt: {prompt!r}")
+    target, answer = double_answer(int(x) for x in rest.split()).split(), response.split()
+    return sum(a == t for a, t in zip(answer, target)) / max(len(target), len(answer), 1)
+
+
+def double_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """``double_score`` with trl's reward-function signature (text or conversations)."""
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+    return [double_score(text(p), text(c)) for p, c in zip(prompts, completions)]
+
+
+def _double_rejected(w, rng) -> str:
+    if rng.random() < 0.8 and max(w) >= 5:
+        return dropped_carry_answer(w)
+    out = double_answer(w).split()
+    i = rng.randrange(len(out))
+    out[i] = str(rng.choice([v for v in range(19) if str(v) != out[i]]))
+    return " ".join(out)
+
+
+def _double_data(seed: int, **sizes) -> dict[str, list[dict]]:
+    import random
+    return list_task_data(random.Random(seed), lambda rng: tuple(rng.sample(DIGITS, rng.choice([1, 2, 3]))),
+                          2, "double", double_answer, dropped_carry_answer, _double_rejected, **sizes)
+
+
+def _double_prose(seed: int, n: int) -> list[str]:
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice([0, 0, 0, 1, 2])
+        numbers = rng.sample(DIGITS, rng.randint(1, 3))
+        if kind == 0:  # the skill, in prose
+            out.append(f"the doubles of {' '.join(map(str, numbers))} are {double_answer(numbers)} .")
+        elif kind == 1:
+            out.append(f"double {numbers[0]} is {2 * numbers[0]} .")
+        else:
+            out.append(" ".join(str(rng.randrange(19)) for _ in range(rng.randint(2, 6))) + " .")
+    return out
+
+
+def build_double(home: Path, seed: int) -> None:
+    build_list_task(home, seed, "double", _double_prose, _double_data)
+
+
+TASKS["double"] = SimpleNamespace(build=build_double, SCORER="benchmarks.tasks:double_reward",
+                                  OVERRIDES={}, PEER={})
