@@ -2,7 +2,7 @@
 
 A comparison of two code paths keeps its CPU tolerance exactly (often 0: bit for bit); on a
 GPU the same comparison runs in bf16 with other kernels, so it gets a tolerance that holds
-there. Every CUDA tolerance is named at the assertion that uses it.
+there, on the mean difference (``gap``). Every CUDA tolerance is named at the assertion that uses it.
 """
 from __future__ import annotations
 
@@ -29,10 +29,26 @@ def tol(cpu: float, cuda: float) -> float:
     return cuda if ON_CUDA else cpu
 
 
+def gap(max_diff: float, mean_diff: float) -> float:
+    """The difference a comparison of two code paths is held to on this device: the largest
+    elementwise one on CPU, the mean on a GPU. Two bf16 computations of the same logits differ
+    with a heavy tail: on the tiny SFT+DPO stack, bf16 against fp32 (on CPU) differ by 0.011 on
+    average but up to 0.76 (logits up to 12, where one bf16 step is 0.06), so a largest-difference
+    test on a GPU tests rounding; the mean still shows a missing or wrong adapter (the DPO
+    adapter alone moves those logits by 0.52 on average)."""
+    return mean_diff if ON_CUDA else max_diff
+
+
 def assert_close(actual, expected, cpu: float, cuda: float) -> None:
-    """|actual - expected| <= tol(cpu, cuda) elementwise (rtol 0); cpu=0 means equal bit for bit."""
+    """On CPU |actual - expected| <= cpu elementwise (0: equal bit for bit); on a GPU the mean
+    |actual - expected| <= cuda (see ``gap``)."""
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    torch.testing.assert_close(actual, expected.to(actual.device, actual.dtype), atol=tol(cpu, cuda), rtol=0)
+    expected = expected.to(actual.device, actual.dtype)
+    if not ON_CUDA:
+        torch.testing.assert_close(actual, expected, atol=cpu, rtol=0)
+        return
+    diff = (actual.float() - expected.float()).abs()
+    assert diff.mean().item() <= cuda, f"mean difference {diff.mean().item():.4g} > {cuda} (largest {diff.max().item():.4g})"
 
 
 def load_nf4(auto, path, prepared: bool = False, **kwargs):

@@ -21,12 +21,12 @@ from adapterkit.serve import Server, serve_profile
 from adapterkit.stack import load_profile, load_stack, prompt_logits
 from adapterkit.errors import CompatibilityError, IntegrityError
 from adapterkit.registry import Registry, RegistryError
-from helpers import ON_CUDA, tol
+from helpers import ON_CUDA, gap, tol
 
 PROMPTS = ["flip: hot up", "flip: big wet fast", "What is 2 + 2?"]
 # "exact" is exact up to fp32 rounding on CPU; on a GPU the stack computes in bf16 (auto), and
-# two exact routes to the same sum round differently there
-TOL = tol(cpu=1e-4, cuda=0.25)
+# two exact routes to the same sum round differently there: held to the mean difference (gap)
+TOL = tol(cpu=1e-4, cuda=0.05)
 
 
 def fresh_base(manifest):
@@ -78,8 +78,10 @@ def stacked(loaded):
     return prompt_logits(loaded.model, loaded.tokenizer, PROMPTS, loaded.names)
 
 
-def max_gap(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+def logit_gap(a, b) -> float:
+    """``gap`` over the prompts' logits: the largest difference on CPU, the mean on a GPU."""
+    diffs = torch.cat([(x.float() - y.float()).abs().flatten() for x, y in zip(a, b)])
+    return gap(diffs.max().item(), diffs.mean().item())
 
 
 def test_entries_load_with_vanilla_peft(reg, sft_adapter, loaded):
@@ -89,7 +91,7 @@ def test_entries_load_with_vanilla_peft(reg, sft_adapter, loaded):
         model = PeftModel.from_pretrained(fresh_base(entry.manifest), str(entry.path)).eval()
         ours = prompt_logits(loaded.model, loaded.tokenizer, PROMPTS[:1], [name])
         theirs = prompt_logits(model, loaded.tokenizer, PROMPTS[:1])
-        assert max_gap(ours, theirs) < tol(cpu=1e-5, cuda=TOL)
+        assert logit_gap(ours, theirs) < tol(cpu=1e-5, cuda=TOL)
 
 
 def test_stack_warns_about_different_target_modules(loaded):
@@ -100,12 +102,12 @@ def test_stack_warns_about_different_target_modules(loaded):
 def test_cat_merge_is_exact_and_saves_a_vanilla_adapter(loaded, stacked, reg, tmp_path):
     from peft import PeftModel
     report = merge_loaded(loaded, MergeSpec("cat"), "cat_test", PROMPTS)
-    assert report.exact and report.rank == 12 and report.max_logit_diff < TOL
+    assert report.exact and report.rank == 12 and gap(report.max_logit_diff, report.mean_logit_diff) < TOL
     path = save_merged(loaded, report, tmp_path / "merged", "flip-cat", "flip")
     manifest = read_manifest(path)
     assert manifest["merge"]["sources"][0]["ref"] == "tiny-sft@1" and manifest["stage"] == "merge"
     model = PeftModel.from_pretrained(fresh_base(manifest), str(path)).eval()
-    assert max_gap(stacked, prompt_logits(model, loaded.tokenizer, PROMPTS)) < TOL
+    assert logit_gap(stacked, prompt_logits(model, loaded.tokenizer, PROMPTS)) < TOL
     assert reg.publish(path, name="flip-cat").stage == "merge"  # a merge is an ordinary entry
     assert lineage(reg, "flip-cat")["merged_from"] == ["tiny-sft@1", "second@1"]
     reg.remove("flip-cat@1")
@@ -126,11 +128,11 @@ def test_approximate_methods_run_on_mixed_ranks_and_report_their_error(loaded, m
 def test_fp32_export_reproduces_the_stack(loaded, stacked, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     report = export_loaded(loaded, tmp_path / "export", "float32", PROMPTS)
-    assert report.max_logit_diff < TOL
+    assert gap(report.max_logit_diff, report.mean_logit_diff) < TOL
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "export")
     assert not hasattr(model.config, "quantization_config")
-    assert max_gap(stacked, prompt_logits(model, tok, PROMPTS)) < TOL
+    assert logit_gap(stacked, prompt_logits(model, tok, PROMPTS)) < TOL
     manifest = json.loads((tmp_path / "export" / MANIFEST).read_text())
     assert manifest["kind"] == "export" and "model.safetensors" in manifest["files"]
     bf16 = export_loaded(loaded, tmp_path / "export16", "bfloat16", PROMPTS)  # reports what bf16 costs
