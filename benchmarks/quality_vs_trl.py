@@ -1,8 +1,10 @@
 """Quality against the peer: adapterkit vs plain trl + peft, same base, data and budget.
 
-    python benchmarks/quality_vs_trl.py --task tiny --seeds 0 1 2 --peer-none --out tiny.json
-    python benchmarks/quality_vs_trl.py --task reverse --seeds 0 1 2 3 4 --peer-none --out reverse.json
-    python benchmarks/quality_vs_trl.py --merge tiny.json reverse.json --out all.json
+    python benchmarks/quality_vs_trl.py --task tiny --seeds 0 1 2 3 4 --peer-none --out tiny.json
+    python benchmarks/quality_vs_trl.py --task double --seeds 0 1 2 3 4 --peer-none --out double.json
+    python benchmarks/quality_vs_trl.py --merge tiny.json double.json --out all.json
+
+Run it from the project root: the tasks' scorers are named ``benchmarks.tasks:<function>``.
 
 Per-stage results are kept in ``--root``/<task>/seed<N>/results.json: a rerun continues there.
 ``--ppo-override KEY=VALUE`` (repeatable) screens another PPO recipe on the same SFT and reward
