@@ -81,20 +81,19 @@ def list_task_data(rng, sample, held_min: int, head: str, correct, mistaken, rej
     }
 
 
-def build_list_task(home: Path, seed: int, name: str, prose, data) -> None:
-    """A tiny Llama pretrained on ``prose(seed, n)``, its tokenizer and ``data(seed, **sizes)``:
-    the sizes, tokenizer, chat template and pretraining loop of adapterkit's tiny build."""
-    import json
-    from adapterkit.artifact import atomic_dir
-    from adapterkit.tiny import TinySpec, write_task_build
-    if (home / "task.json").is_file():
-        return
-    spec = TinySpec(seed=seed)
-    with atomic_dir(home) as tmp:
-        rows = data(seed, n_sft=spec.n_sft, n_pref=spec.n_pref, n_prompts=spec.n_prompts, n_eval=spec.n_eval,
-                    mistake_rate=spec.mistake_rate)
-        facts = write_task_build(tmp, spec, prose(seed, 4000), rows)
-        (tmp / "task.json").write_text(json.dumps({"task": name, **facts}, indent=2))
+def list_task_prose(seed: int, n: int, items: list, sizes: tuple, skill, fact, noise) -> list[str]:
+    """A task's pretraining prose, built as tiny's: 3 in 5 documents state the skill on a sample
+    of ``sizes`` items (``skill(items)``, not in the chat format), 1 in 5 a fact about one or two
+    items, 1 in 5 are 2-6 random ``noise(rng)`` words."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice([0, 0, 0, 1, 2])
+        w = rng.sample(items, rng.randint(*sizes))
+        out.append(skill(w) if kind == 0 else fact(w) if kind == 1 else
+                   " ".join(noise(rng) for _ in range(rng.randint(2, 6))) + " .")
+    return out
 
 
 # -- "reverse": a word-order task with its own systematic mistake ---------------------------------
@@ -153,19 +152,9 @@ def _reverse_data(seed: int, **sizes) -> dict[str, list[dict]]:
 
 
 def _reverse_prose(seed: int, n: int) -> list[str]:
-    import random
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        kind = rng.choice([0, 0, 0, 1, 2])
-        words = rng.sample(ANIMALS, rng.randint(2, 4))
-        if kind == 0:  # the skill, in prose
-            out.append(f"the list {' '.join(words)} reversed is {reverse_answer(words)} .")
-        elif kind == 1:
-            out.append(f"the {words[0]} comes before the {words[1]} .")
-        else:
-            out.append(" ".join(rng.choice(ANIMALS) for _ in range(rng.randint(2, 6))) + " .")
-    return out
+    return list_task_prose(seed, n, ANIMALS, (2, 4),
+                           lambda w: f"the list {' '.join(w)} reversed is {reverse_answer(w)} .",
+                           lambda w: f"the {w[0]} comes before the {w[1]} .", lambda rng: rng.choice(ANIMALS))
 
 
 def build_reverse(home: Path, seed: int) -> None:
@@ -351,19 +340,9 @@ def _double_data(seed: int, **sizes) -> dict[str, list[dict]]:
 
 
 def _double_prose(seed: int, n: int) -> list[str]:
-    import random
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        kind = rng.choice([0, 0, 0, 1, 2])
-        numbers = rng.sample(DIGITS, rng.randint(1, 3))
-        if kind == 0:  # the skill, in prose
-            out.append(f"the doubles of {' '.join(map(str, numbers))} are {double_answer(numbers)} .")
-        elif kind == 1:
-            out.append(f"double {numbers[0]} is {2 * numbers[0]} .")
-        else:
-            out.append(" ".join(str(rng.randrange(19)) for _ in range(rng.randint(2, 6))) + " .")
-    return out
+    return list_task_prose(seed, n, DIGITS, (1, 3),
+                           lambda w: f"the doubles of {' '.join(map(str, w))} are {double_answer(w)} .",
+                           lambda w: f"double {w[0]} is {2 * w[0]} .", lambda rng: str(rng.randrange(19)))
 
 
 def build_double(home: Path, seed: int) -> None:
