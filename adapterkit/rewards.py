@@ -6,8 +6,9 @@ reward-function signature, ``fn(prompts, completions, **kwargs) -> list[float]``
 
 A recipe names one as ``module:function`` (imported from the user's environment, or from the
 working directory as ``python -m`` would: the user asked for that code by naming it) or by a
-short name registered in ``resolvers.py`` (``tiny``). They serve as PPO's reward (``ppo.reward``, instead of a reward adapter) and as the ground-truth scorer of
-held-out prompts (``ppo.scorer``, ``dpo.scorer``). In Python the callable itself may be given.
+short name registered in ``resolvers.py`` (``tiny``). They serve as PPO's reward
+(``ppo.reward``, instead of a reward adapter) and as the ground-truth scorer of held-out
+prompts (``ppo.scorer``, ``dpo.scorer``). In Python the callable itself may be given.
 """
 from __future__ import annotations
 
