@@ -96,6 +96,22 @@ def list_task_prose(seed: int, n: int, items: list, sizes: tuple, skill, fact, n
     return out
 
 
+def build_list_task(home: Path, seed: int, name: str, prose, data) -> None:
+    """A tiny Llama pretrained on ``prose(seed, n)``, its tokenizer and ``data(seed, **sizes)``:
+    the sizes, tokenizer, chat template and pretraining loop of adapterkit's tiny build."""
+    import json
+    from adapterkit.artifact import atomic_dir
+    from adapterkit.tiny import TinySpec, write_task_build
+    if (home / "task.json").is_file():
+        return
+    spec = TinySpec(seed=seed)
+    with atomic_dir(home) as tmp:
+        rows = data(seed, n_sft=spec.n_sft, n_pref=spec.n_pref, n_prompts=spec.n_prompts, n_eval=spec.n_eval,
+                    mistake_rate=spec.mistake_rate)
+        facts = write_task_build(tmp, spec, prose(seed, 4000), rows)
+        (tmp / "task.json").write_text(json.dumps({"task": name, **facts}, indent=2))
+
+
 # -- "reverse": a word-order task with its own systematic mistake ---------------------------------
 #
 # The user gives two to four animal words, the assistant answers with them in reverse order
