@@ -8,7 +8,8 @@ outside the tested range is logged once as a warning (the names may still be the
 
 Used by ``quant.py`` (bitsandbytes' CPU 4-bit internals), ``stages/dpo.py`` /
 ``stages/reward.py`` (trl's DPO loss entry point and init side effects, a warning filter) and
-``stages/common.py`` (transformers' Trainer checkpoint hooks: safetensors and JSON, no pickle).
+``stages/common.py`` (transformers' Trainer checkpoint hooks: safetensors and JSON, no pickle),
+and ``memcheck.py`` (torch's CPU allocation events and cuBLAS workspaces).
 """
 from __future__ import annotations
 
@@ -263,7 +264,7 @@ def safetensors_checkpoints(trainer, load_adapter) -> None:
         setattr(trainer, name, types.MethodType(fn, trainer))
 
 
-# -- torch: the profiler's CPU allocation events (memcheck.py) ---------------------------------
+# -- torch: the profiler's CPU allocation events, cuBLAS workspaces (memcheck.py) -------------------
 
 @contextlib.contextmanager
 def cpu_allocation_peak():
@@ -289,6 +290,18 @@ def cpu_allocation_peak():
         running += nbytes
         peak = max(peak, running)
     result["peak"] = peak
+
+
+def clear_cublas_workspaces() -> None:
+    """Free torch's cuBLAS(Lt) workspaces (``torch._C._cuda_clearCublasWorkspaces``, as torch's
+    own CUDA leak check does before it counts allocated bytes); the next matmul makes them again.
+    A measurement that starts here counts them as a fresh process does, whatever ran before."""
+    import torch
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        raise CompatError(f"torch {torch_version()} has no torch._C._cuda_clearCublasWorkspaces; "
+                          "adapterkit/_compat.py clear_cublas_workspaces uses it (memcheck.py)")
+    clear()
 
 
 def torch_version() -> str:

@@ -4,7 +4,9 @@
     m = measure_stage(config, steps=2)         # a real setup, then `steps` real training steps
     m.peak_bytes, m.shape                      # -> compare with memory.plan(config, **m.shape)
 
-- CUDA: ``torch.cuda.max_memory_allocated`` over the training steps (everything on the card).
+- CUDA: ``torch.cuda.max_memory_allocated`` over the training steps, less what the process
+  held before the stage's setup (another model, a test's fixtures), with torch's cuBLAS
+  workspaces freed first so that the stage's own are counted in any process.
 - CPU: the tensors alive when training starts (every tensor object, each storage once) plus
   the highest running sum of the CPU allocator's allocations and frees during the steps, as
   torch's profiler reports them (``_compat.cpu_allocation_peak``). Not RSS: that includes the
@@ -81,8 +83,13 @@ def measure_stage(config: StageConfig, steps: int = 2) -> Measurement:
     if config.stage == "ppo":
         config.ppo.eval_every, config.ppo.keep_best, config.ppo.patience = 0, False, 0
     stage = import_module(f"adapterkit.stages.{config.stage}")
-    run = stage.setup(config)
     device = default_device()
+    if device == "cuda":  # count what this stage allocates, not what the process held before it
+        gc.collect()
+        _compat.clear_cublas_workspaces()  # remade by the stage's first matmuls: counted, as in a fresh process
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+    run = stage.setup(config)
     shape: dict = {}
     if config.stage == "ppo":
         from adapterkit.stages import ppo
@@ -100,11 +107,11 @@ def measure_stage(config: StageConfig, steps: int = 2) -> Measurement:
     try:
         if device == "cuda":
             torch.cuda.synchronize()
-            static = torch.cuda.memory_allocated()
+            static = torch.cuda.memory_allocated() - held
             torch.cuda.reset_peak_memory_stats()
             stage.train(run)
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            peak = torch.cuda.max_memory_allocated() - held
         else:
             static = live_tensor_bytes("cpu")
             with _compat.cpu_allocation_peak() as added:
