@@ -350,8 +350,42 @@ def load_config(stage: str, recipe: str | os.PathLike | None = None,
     if recipe is not None:
         path, raw = read_recipe(recipe)
         source = str(path)
+    recipe_train = (raw.get("data") or {}).get("train")
     raw = apply_overrides(raw, list(overrides))
+    unbind_recipe_task(raw, recipe_train, overrides, source)
     return build_config(stage, raw, source)
+
+
+# held-out splits and scorers that belong to the task of the recipe's training data
+TASK_BOUND = (("data", "eval"), ("dpo", "prompts"), ("dpo", "scorer"), ("ppo", "scorer"))
+
+
+def unbind_recipe_task(raw: dict, recipe_train, overrides, source: str) -> list[str]:
+    """Where an override swaps a recipe's training data for data of another task (``tiny_dpo``
+    with ``data.train=my_pairs.jsonl``), the recipe's held-out splits and scorer of its own
+    task (``data.eval=tiny:preferences_eval``, ``dpo.scorer=tiny``) would measure the user's
+    model on the tiny task and report that as its score, and PPO's ``keep_best`` would choose
+    its step by it. They are set to null, with a warning that names them; overriding one keeps
+    it. Returns the dropped ``key=value`` items."""
+    from adapterkit import resolvers
+    given = {item.partition("=")[0].strip() for item in overrides}
+    train = (raw.get("data") or {}).get("train")
+    recipe_task = resolvers.task_of(recipe_train)
+    if "data.train" not in given or recipe_task is None or resolvers.task_of(train) == recipe_task:
+        return []
+    dropped = []
+    for section, key in TASK_BOUND:
+        node = raw.get(section) or {}
+        if f"{section}.{key}" not in given and resolvers.task_of(node.get(key)) == recipe_task:
+            dropped.append(f"{section}.{key}={node[key]}")
+            node[key] = None
+    if dropped:
+        import logging
+        logging.getLogger("adapterkit").warning(
+            "%s: data.train=%s is not from the %s task, so the recipe's %s-task settings %s are dropped; "
+            "set them to your own held-out data and scorer to evaluate on your task", source, train, recipe_task,
+            recipe_task, ", ".join(dropped))
+    return dropped
 
 
 def read_recipe(recipe: str | os.PathLike) -> tuple[Path, dict]:

@@ -61,3 +61,16 @@ def resolve_data(source: str) -> str:
 def reward_target(name: str) -> str | None:
     """The ``module:function`` a registered reward-function name stands for, or None."""
     return _lookup(REWARDS, name)
+
+
+def task_of(value) -> str | None:
+    """The registered task a reference belongs to: the scheme of a data reference
+    (``tiny:prompts_eval`` -> ``tiny``), or a reward name that is also a data scheme
+    (``tiny``); None for a file, a ``module:function`` or anything else."""
+    if not isinstance(value, str):
+        return None
+    scheme, sep, _ = value.partition(":")
+    name = scheme if sep else value
+    if not name.isidentifier() or _lookup(DATA, name) is None:
+        return None
+    return name if sep or _lookup(REWARDS, name) is not None else None

@@ -146,3 +146,22 @@ def test_ppo_checkpoint_keys_are_the_train_keys():
     with pytest.raises(ConfigError, match="train.save_steps and its alias ppo.checkpoint_every"):
         load_config("ppo", "tiny_ppo", ["ppo.checkpoint_every=3", "train.save_steps=4"])
     assert load_config("ppo", "tiny_ppo", ["train.eval_steps=3", "ppo.eval_every=0"]).ppo.eval_every == 3
+
+
+def test_own_training_data_drops_the_recipes_tiny_evaluation(caplog):
+    """tiny_ppo with the user's prompts must not pick its best step by the tiny task's score on
+    the tiny task's prompts: the recipe's held-out split and scorer go with its training data."""
+    with caplog.at_level("WARNING", logger="adapterkit"):
+        ppo = load_config("ppo", "tiny_ppo", ["data.train=my_prompts.jsonl"])
+    assert ppo.data.eval is None and ppo.ppo.scorer is None
+    assert "data.eval=tiny:prompts_eval, ppo.scorer=tiny are dropped" in caplog.text
+    dpo = load_config("dpo", "tiny_dpo", ["data.train=my_pairs.jsonl", "data.eval=my_eval.jsonl"])
+    assert (dpo.data.eval, dpo.dpo.prompts, dpo.dpo.scorer) == ("my_eval.jsonl", None, None)
+    kept = load_config("ppo", "tiny_ppo", ["data.train=my_prompts.jsonl", "ppo.scorer=tiny"])  # named again: kept
+    assert kept.ppo.scorer == "tiny" and kept.data.eval is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adapterkit"):  # the tiny task's own data, or another base: unchanged
+        for overrides in (["data.train=tiny:preferences_eval"], ["base.name=/models/mine"]):
+            same = load_config("dpo", "tiny_dpo", overrides)
+            assert (same.data.eval, same.dpo.prompts, same.dpo.scorer) == ("tiny:preferences_eval", "tiny:prompts_eval", "tiny")
+    assert "dropped" not in caplog.text
