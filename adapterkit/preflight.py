@@ -2,7 +2,7 @@
 an 8B base takes to load, and a run must not train for an hour and then find that it cannot
 save, or that saving would destroy the user's folder.
 
-    preflight(config)  # output folder, data files and rows, adapters named by path or ref
+    preflight(config)  # output folder, data files and rows, adapters named by path or ref, reward functions
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adapterkit import rewards
 from adapterkit.config import StageConfig
+from adapterkit.errors import AdapterkitError, ConfigError
 from adapterkit.safety import check_output_dir
 
 # The data formats each stage trains on (the stage modules hold the same tuples).
@@ -50,6 +51,29 @@ def check_adapters(config: StageConfig) -> None:
         checked_adapter(reward, REWARD_STAGES, "reward model")
     elif reward is not None:
         rewards.load_function(reward)  # a reward function that does not import fails now
+
+
+def check_functions(config: StageConfig, n: int = 4) -> None:
+    """Every reward function and scorer the stage calls, on the first ``n`` prompts of each
+    split it will score with an empty answer (a model can give one): a scorer for another task
+    (``ppo.scorer=tiny`` on your prompts), or one that returns the wrong thing, fails now, not
+    mid-run or after training."""
+    from adapterkit.data import load_data
+    section = getattr(config, config.stage, None)
+    uses = {"ppo": [("ppo.reward", "data.train"), ("ppo.scorer", "data.train"), ("ppo.scorer", "data.eval")],
+            "dpo": [("dpo.scorer", "dpo.prompts")]}.get(config.stage, [])
+    for fn_key, data_key in uses:
+        ref = getattr(section, fn_key.split(".")[1])
+        source = getattr(config.data if data_key.startswith("data.") else section, data_key.split(".")[1])
+        if ref is None or not source or not rewards.is_function_ref(ref):
+            continue
+        rows = load_data(source, fmt="auto", allowed=("prompt", "preference", "prompt_completion")).rows[:n]
+        prompts = [r["prompt"] for r in rows]
+        try:
+            rewards.score_completions(rewards.load_function(ref), prompts, [""] * len(prompts))
+        except AdapterkitError as err:
+            raise ConfigError(f"{fn_key}: tried on the first {len(prompts)} prompts of {data_key}={source} "
+                              f"with empty answers: {err}") from err
 
 
 # train.report_to -> the module it needs (transformers' integrations import these)
@@ -101,7 +125,6 @@ def check_base(config: StageConfig) -> None:
     unreachable, that is one line now, not a minute of retries and a traceback at load time."""
     from adapterkit.base import resolve_base
     from adapterkit.data import offline
-    from adapterkit.errors import AdapterkitError
     b = config.base
     source = resolve_base(b.name)
     if Path(source).is_dir():
@@ -124,3 +147,4 @@ def preflight(config: StageConfig) -> None:
     check_base(config)
     check_adapters(config)
     check_data(config)
+    check_functions(config)

@@ -79,8 +79,13 @@ def completion_like(prompt, text: str):
 
 
 def score_completions(fn: RewardFunction, prompts: list, texts: list[str]) -> list[float]:
-    """Call ``fn`` on generated texts; one finite float per prompt, or a clear error."""
-    out = fn(prompts=list(prompts), completions=[completion_like(p, t) for p, t in zip(prompts, texts)])
+    """Call ``fn`` on generated texts; one finite float per prompt, or a clear error (an
+    exception inside ``fn`` too: its type and message, the traceback with ``adapterkit -v``)."""
+    try:
+        out = fn(prompts=list(prompts), completions=[completion_like(p, t) for p, t in zip(prompts, texts)])
+    except Exception as err:  # the user's code: any exception, named as theirs
+        raise ConfigError(f"reward function {describe(fn)} raised {type(err).__name__}: {err} "
+                          "(adapterkit -v shows the traceback)") from err
     try:
         values = [float(v) for v in out]
     except (TypeError, ValueError):

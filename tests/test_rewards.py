@@ -61,6 +61,30 @@ def test_a_function_returning_the_wrong_thing_is_named(returned):
         rewards.score_completions(lambda prompts, completions: returned, ["a", "b"], ["x", "y"])
 
 
+def test_an_exception_inside_a_function_is_named_as_the_functions():
+    def broken(prompts, completions, **kwargs):
+        raise KeyError("answer")
+    with pytest.raises(ConfigError, match=r"reward function .*broken raised KeyError: 'answer' \(adapterkit -v"):
+        rewards.score_completions(broken, ["a"], ["x"])
+
+
+def test_a_scorer_for_another_task_fails_before_any_model_loads(tiny_dir, tmp_path):
+    """Tried on the first prompts of each split it will score: ``ppo.scorer=tiny`` on another
+    task's prompts stops the run at once, naming the key and the split."""
+    import json
+    from adapterkit.preflight import check_functions
+    other = tmp_path / "prompts.jsonl"
+    other.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"double: {i}"}]}) + "\n"
+                             for i in range(1, 6)))
+    config = load_config("ppo", "tiny_ppo", [f"data.train={other}", "ppo.scorer=tiny"])
+    with pytest.raises(ConfigError, match=r"ppo.scorer: tried on the first 4 prompts of data.train=.*not a flip prompt"):
+        check_functions(config)
+    config.ppo.scorer = constant  # a function for any prompt passes, as the tiny scorer on its own task
+    check_functions(config)
+    check_functions(load_config("ppo", "tiny_ppo", ["ppo.reward=tiny"]))
+    check_functions(load_config("dpo", "tiny_dpo", []))
+
+
 def test_config_takes_functions_for_reward_and_scorer_and_writes_them_as_text():
     config = load_config("ppo", "tiny_ppo", ["ppo.reward=adapterkit.tiny:reward", "ppo.scorer=tiny"])
     assert rewards.is_function_ref(config.ppo.reward) and config.ppo.value_init is None
