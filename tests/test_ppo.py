@@ -191,6 +191,20 @@ def test_a_reward_against_the_scorer_is_named(sft_adapter, tmp_path, caplog):
     assert m["train_agreement"] == 0.0 and "(50% is chance)" in caplog.text
 
 
+def test_keep_best_by_the_reward_model_says_what_it_cannot_see(sft_adapter, reward_adapter, tmp_path, caplog):
+    """Without ppo.scorer, keep_best judges by the reward model PPO optimises (on the benchmarks'
+    reverse task that kept policies up to 0.10 below SFT): the run says so."""
+    from adapterkit.config import load_config
+    from adapterkit.stages.ppo import train_ppo
+    config = load_config("ppo", "tiny_ppo", ["train.max_steps=1", "ppo.eval_every=1", "ppo.scorer=null",
+                                             "train.progress=false", f"ppo.reward={reward_adapter.path}",
+                                             f"ppo.parent={json.dumps([str(sft_adapter.path)])}",
+                                             f"output.dir={tmp_path / 'a'}"])
+    with caplog.at_level("WARNING", logger="adapterkit"):
+        train_ppo(config)
+    assert "cannot see it being over-optimised" in caplog.text
+
+
 def test_saved_dir_is_a_plain_policy_adapter(trained, sft_adapter, reward_adapter):
     from safetensors.torch import load_file
     record = trained[0]
