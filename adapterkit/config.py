@@ -7,6 +7,7 @@ wrong types and impossible values are refused with the key named.
 """
 from __future__ import annotations
 
+import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -369,9 +370,11 @@ def unbind_recipe_task(raw: dict, recipe_train, overrides, source: str) -> list[
     it. Returns the dropped ``key=value`` items."""
     from adapterkit import resolvers
     given = {item.partition("=")[0].strip() for item in overrides}
+    if "data.train" not in given:
+        return []
     train = (raw.get("data") or {}).get("train")
     recipe_task = resolvers.task_of(recipe_train)
-    if "data.train" not in given or recipe_task is None or resolvers.task_of(train) == recipe_task:
+    if recipe_task is None or resolvers.task_of(train) == recipe_task:
         return []
     dropped = []
     for section, key in TASK_BOUND:
@@ -380,7 +383,6 @@ def unbind_recipe_task(raw: dict, recipe_train, overrides, source: str) -> list[
             dropped.append(f"{section}.{key}={node[key]}")
             node[key] = None
     if dropped:
-        import logging
         logging.getLogger("adapterkit").warning(
             "%s: data.train=%s is not from the %s task, so the recipe's %s-task settings %s are dropped; "
             "set them to your own held-out data and scorer to evaluate on your task", source, train, recipe_task,
