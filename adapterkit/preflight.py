@@ -59,12 +59,14 @@ def check_functions(config: StageConfig, n: int = 4) -> None:
     (``ppo.scorer=tiny`` on your prompts), or one that returns the wrong thing, fails now, not
     mid-run or after training."""
     from adapterkit.data import load_data
-    section = getattr(config, config.stage, None)
+
+    def value(key: str):  # "ppo.scorer" -> config.ppo.scorer
+        section, _, name = key.partition(".")
+        return getattr(getattr(config, section), name)
     uses = {"ppo": [("ppo.reward", "data.train"), ("ppo.scorer", "data.train"), ("ppo.scorer", "data.eval")],
             "dpo": [("dpo.scorer", "dpo.prompts")]}.get(config.stage, [])
     for fn_key, data_key in uses:
-        ref = getattr(section, fn_key.split(".")[1])
-        source = getattr(config.data if data_key.startswith("data.") else section, data_key.split(".")[1])
+        ref, source = value(fn_key), value(data_key)
         if ref is None or not source or not rewards.is_function_ref(ref):
             continue
         rows = load_data(source, fmt="auto", allowed=("prompt", "preference", "prompt_completion")).rows[:n]

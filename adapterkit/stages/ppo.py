@@ -260,7 +260,7 @@ def train(run: PPORun) -> None:
     if (p.keep_best or p.patience) and not run.eval_prompts:
         log.warning("ppo.keep_best/ppo.patience: no held-out prompts (data.eval is empty), so "
                     "nothing is evaluated and the last policy is saved")
-    if evaluating and p.keep_best and p.scorer is None and not rewards.is_function_ref(p.reward):
+    if evaluating and p.keep_best and run.judge is None and not rewards.is_function_ref(p.reward):
         log.warning("ppo.keep_best: no ppo.scorer, so held-out answers are judged by the reward model PPO "
                     "optimises, which cannot see it being over-optimised; set ppo.scorer=module:function")
     if evaluating and not run.evals:
