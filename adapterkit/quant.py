@@ -148,7 +148,7 @@ def _dequantize_into_buffer(weight, dtype: torch.dtype) -> torch.Tensor:
     n, k = state.shape
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n * k or buf.dtype != dtype:
-        buf = _scratch.buf = torch.empty(n * k, dtype=dtype)
+        buf = _scratch.buf = torch.empty(n * k, dtype=dtype, device="cpu")  # the CPU kernel writes it through ctypes
     absmax = state.absmax
     if state.nested:  # double quantization: the absmax are themselves 8-bit
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
